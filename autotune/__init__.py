@@ -1,0 +1,1 @@
+"""Autotuning CLI (issue 6)."""

@@ -1,0 +1,39 @@
+"""kvkernels: kernels for KV-cache compression in LLM inference (KVzip, KIVI, GEAR-style low rank).
+
+``import kvkernels`` registers the ``torch.ops.kvkernels.*`` operators and imports neither Triton nor
+CuPy; those load when their backend is first chosen (see :mod:`kvkernels._backend`).
+"""
+
+from ._backend import current_backend, last_choice, use_backend
+from ._validate import PoolOverflowError
+from .api import (
+    Pool,
+    compact_kv,
+    kivi_attention,
+    kivi_dequantize,
+    kivi_quantize,
+    kvzip_score,
+    lowrank_residual,
+    ragged_append,
+    ragged_attention,
+    topk_mask,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Pool",
+    "PoolOverflowError",
+    "compact_kv",
+    "current_backend",
+    "kivi_attention",
+    "kivi_dequantize",
+    "kivi_quantize",
+    "kvzip_score",
+    "last_choice",
+    "lowrank_residual",
+    "ragged_append",
+    "ragged_attention",
+    "topk_mask",
+    "use_backend",
+]

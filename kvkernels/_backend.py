@@ -1,0 +1,152 @@
+"""The one place that decides which implementation runs an op.
+
+Backends, in the order a request falls back through them:
+
+* ``reference`` - the pure-PyTorch references in ``kvkernels.reference``; run on any device.
+* ``triton``    - the Triton kernels in ``kvkernels.triton``; need CUDA tensors, or CPU tensors with
+                  ``TRITON_INTERPRET=1`` (the Triton interpreter, which is how CI runs them).
+* ``cupy``      - CuPy RawKernels in ``kvkernels.cupy``; CUDA tensors only. Only some ops have one;
+                  the others fall through to ``triton``.
+* ``auto``      - the default: ``triton`` for CUDA tensors when Triton is importable, else ``reference``.
+
+Choose with the environment variable ``KVKERNELS_BACKEND`` (read at every call, so it can be set after
+import) or, taking precedence, with the context manager :func:`use_backend`. A backend that was asked
+for explicitly but cannot run the op on the given tensors is an error, never a silent fallback to a
+slower path; only an op that a backend does not implement at all falls through (``cupy`` → ``triton``
+→ ``reference``), and :func:`resolve` reports which one ran through :func:`last_choice` for tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+import threading
+from typing import Callable, Iterator
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton", "cupy")
+
+# Which families each compiled backend implements: op name -> module under kvkernels.<backend>.
+# A missing entry means "this backend has no kernel for the op; fall through to the next one".
+_KERNEL_MODULES: dict[str, dict[str, str]] = {
+    "triton": {
+        "kvzip_score": "kvzip_score",
+        "topk_mask": "topk",
+        "compact_kv": "pool",
+        "ragged_append": "pool",
+        "ragged_attention": "ragged_attention",
+        "kivi_quantize": "kivi",
+        "kivi_dequantize": "kivi",
+        "kivi_attention": "kivi",
+        "lowrank_residual": "lowrank",
+    },
+    "cupy": {
+        "topk_mask": "topk",
+    },
+}
+_REFERENCE_MODULES = {
+    "kvzip_score": "kvzip_score",
+    "topk_mask": "topk",
+    "compact_kv": "pool",
+    "ragged_append": "pool",
+    "ragged_attention": "ragged_attention",
+    "kivi_quantize": "kivi",
+    "kivi_dequantize": "kivi",
+    "kivi_attention": "kivi",
+    "lowrank_residual": "lowrank",
+}
+_FALLBACK = {"cupy": "triton", "triton": "reference"}
+
+_local = threading.local()
+
+
+def _check_name(name: str, source: str) -> str:
+    name = name.strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"{source}: unknown backend {name!r}; accepted: {', '.join(BACKENDS)}")
+    return name
+
+
+def current_backend() -> str:
+    """The backend requested now: the innermost :func:`use_backend`, else ``$KVKERNELS_BACKEND``, else auto."""
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    env = os.environ.get("KVKERNELS_BACKEND", "")
+    return _check_name(env, "KVKERNELS_BACKEND") if env else "auto"
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ops inside the ``with`` block on backend ``name`` (overrides ``KVKERNELS_BACKEND``)."""
+    name = _check_name(name, "use_backend")
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def cupy_available() -> bool:
+    return importlib.util.find_spec("cupy") is not None and torch.cuda.is_available()
+
+
+def _can_run(backend: str, device: torch.device) -> tuple[bool, str]:
+    """Whether ``backend`` can run on tensors of ``device``, and if not, why."""
+    if backend == "reference":
+        return True, ""
+    if backend == "triton":
+        if not triton_available():
+            return False, "Triton is not installed (pip install triton)"
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
+            return True, ""
+        return False, f"Triton kernels need CUDA tensors, or CPU tensors with TRITON_INTERPRET=1; got {device.type}"
+    if backend == "cupy":
+        if device.type != "cuda":
+            return False, f"CuPy kernels need CUDA tensors; got {device.type}"
+        if not cupy_available():
+            return False, "CuPy is not installed (pip install kvkernels[cupy])"
+        return True, ""
+    raise AssertionError(backend)
+
+
+def _auto(device: torch.device) -> str:
+    if device.type == "cuda" and triton_available():
+        return "triton"
+    return "reference"
+
+
+def resolve(op: str, device: torch.device) -> Callable:
+    """The function that implements ``op`` for tensors on ``device`` under the current backend."""
+    requested = current_backend()
+    backend = _auto(device) if requested == "auto" else requested
+    while backend != "reference" and op not in _KERNEL_MODULES[backend]:
+        backend = _FALLBACK[backend]
+    ok, why = _can_run(backend, device)
+    if not ok:
+        raise RuntimeError(f"kvkernels.{op}: backend {backend!r} (requested {requested!r}) cannot run here: {why}")
+    _local.last = (op, backend)
+    if backend == "reference":
+        module = importlib.import_module(f"kvkernels.reference.{_REFERENCE_MODULES[op]}")
+    else:
+        module = importlib.import_module(f"kvkernels.{backend}.{_KERNEL_MODULES[backend][op]}")
+    return getattr(module, op)
+
+
+def last_choice() -> tuple[str, str] | None:
+    """``(op, backend)`` of the last op resolved in this thread (for tests and debugging)."""
+    return getattr(_local, "last", None)

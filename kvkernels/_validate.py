@@ -1,0 +1,290 @@
+"""Input checks shared by every backend of every op.
+
+Each ``check_<op>`` raises ``TypeError`` (wrong dtype / type) or ``ValueError`` (wrong shape, range or
+value) naming the argument, what it got and what is accepted. Shape and dtype checks read no tensor
+data, so they also run inside the fake (meta) kernels under torch.compile. Checks that must read data
+(``num_kept`` against ``keep.sum()``, append overflow) live with the ops that need them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HEAD_DIMS = (64, 80, 96, 128, 256)
+KIVI_BITS = (2, 4)
+KIVI_GROUPS = (32, 64, 128)
+KIVI_AXES = ("key", "value")
+
+
+def _names(dtypes) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def fail(op: str, msg: str, kind=ValueError):
+    raise kind(f"kvkernels.{op}: {msg}")
+
+
+def tensor(op: str, name: str, t, ndim: int | None = None, dtypes=None):
+    if not isinstance(t, torch.Tensor):
+        fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
+    if ndim is not None and t.dim() != ndim:
+        fail(op, f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        fail(op, f"{name} has dtype {t.dtype}; accepted: {_names(dtypes)}", TypeError)
+
+
+def same_device(op: str, **tensors):
+    devices = {n: t.device for n, t in tensors.items() if t is not None}
+    first = next(iter(devices.values()))
+    for n, d in devices.items():
+        if d != first:
+            listed = ", ".join(f"{k} on {v}" for k, v in devices.items())
+            fail(op, f"all tensors must be on one device; got {listed}")
+
+
+def shape_is(op: str, name: str, t: torch.Tensor, expected: tuple):
+    if tuple(t.shape) != tuple(expected):
+        fail(op, f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def head_dim(op: str, name: str, D: int):
+    if D not in HEAD_DIMS:
+        fail(op, f"{name} has head dim {D}; accepted: {', '.join(map(str, HEAD_DIMS))}")
+
+
+def gqa(op: str, Hq: int, Hkv: int, kv_name: str) -> int:
+    if Hkv <= 0 or Hq % Hkv != 0:
+        fail(op, f"the query head count {Hq} must be a positive multiple of {kv_name}'s KV head count {Hkv}")
+    return Hq // Hkv
+
+
+def integer(op: str, name: str, v, lo: int | None = None, hi: int | None = None, what: str = ""):
+    if isinstance(v, bool) or not isinstance(v, int):
+        fail(op, f"{name} must be an int, got {type(v).__name__}", TypeError)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f"[{'' if lo is None else lo}, {'' if hi is None else hi}]"
+        fail(op, f"{name} = {v} is out of range; accepted: {rng}{' ' + what if what else ''}")
+
+
+def scale_value(op: str, sm_scale, D: int) -> float:
+    """sm_scale, defaulting to 1/sqrt(D); must be finite and positive."""
+    if sm_scale is None:
+        return 1.0 / math.sqrt(D)
+    if not isinstance(sm_scale, (int, float)) or isinstance(sm_scale, bool):
+        fail(op, f"sm_scale must be a float or None, got {type(sm_scale).__name__}", TypeError)
+    if not math.isfinite(sm_scale) or sm_scale <= 0:
+        fail(op, f"sm_scale = {sm_scale} must be finite and > 0")
+    return float(sm_scale)
+
+
+def check_kvzip_score(q, k, k_self, sink_len, chunk_start, chunk_end):
+    op = "kvzip_score"
+    tensor(op, "q", q, 4, FLOAT_DTYPES)
+    tensor(op, "k", k, 4, (q.dtype,))
+    tensor(op, "k_self", k_self, 4, (q.dtype,))
+    same_device(op, q=q, k=k, k_self=k_self)
+    B, Hq, Lq, D = q.shape
+    head_dim(op, "q", D)
+    Hkv, N = k.shape[1], k.shape[2]
+    gqa(op, Hq, Hkv, "k")
+    shape_is(op, "k", k, (B, Hkv, N, D))
+    shape_is(op, "k_self", k_self, (B, Hkv, Lq, D))
+    if Lq < 1:
+        fail(op, "q must have at least one query row (Lq >= 1)")
+    integer(op, "sink_len", sink_len, 0)
+    integer(op, "chunk_start", chunk_start, sink_len, None, "(chunk_start >= sink_len)")
+    integer(op, "chunk_end", chunk_end, chunk_start + 1, N, "(chunk_start < chunk_end <= N)")
+
+
+def check_topk_mask(scores, k):
+    op = "topk_mask"
+    tensor(op, "scores", scores, 2, (torch.float32,))
+    integer(op, "k", k, 0)
+
+
+def check_compact_kv(keys, values, keep, num_kept, slack):
+    op = "compact_kv"
+    tensor(op, "keep", keep, 4, (torch.bool,))
+    L, B, H, N = keep.shape
+    for name, seq in (("keys", keys), ("values", values)):
+        if not isinstance(seq, (list, tuple)) or len(seq) != L:
+            fail(op, f"{name} must be a list of L = {L} tensors (keep.shape[0]), got "
+                 f"{len(seq) if isinstance(seq, (list, tuple)) else type(seq).__name__}")
+    first = keys[0]
+    tensor(op, "keys[0]", first, 4, FLOAT_DTYPES)
+    D = first.shape[-1]
+    for name, seq in (("keys", keys), ("values", values)):
+        for i, t in enumerate(seq):
+            tensor(op, f"{name}[{i}]", t, 4, (first.dtype,))
+            shape_is(op, f"{name}[{i}]", t, (B, H, N, D))
+            same_device(op, keep=keep, **{f"{name}[{i}]": t})
+    integer(op, "num_kept", num_kept, 0, L * B * H * N)
+    integer(op, "slack", slack, 0)
+
+
+def check_ragged_append(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new):
+    op = "ragged_append"
+    tensor(op, "k_pool", k_pool, 2, FLOAT_DTYPES)
+    tensor(op, "v_pool", v_pool, 2, (k_pool.dtype,))
+    shape_is(op, "v_pool", v_pool, tuple(k_pool.shape))
+    tensor(op, "seg_start", seg_start, 3, (torch.int64,))
+    tensor(op, "seg_len", seg_len, 3, (torch.int32,))
+    tensor(op, "seg_cap", seg_cap, 3, (torch.int32,))
+    shape_is(op, "seg_len", seg_len, tuple(seg_start.shape))
+    shape_is(op, "seg_cap", seg_cap, tuple(seg_start.shape))
+    L, B, H = seg_start.shape
+    integer(op, "layer", layer, 0, L - 1, f"(the pool has L = {L} layers)")
+    tensor(op, "k_new", k_new, 4, (k_pool.dtype,))
+    tensor(op, "v_new", v_new, 4, (k_pool.dtype,))
+    t = k_new.shape[2]
+    shape_is(op, "k_new", k_new, (B, H, t, k_pool.shape[1]))
+    shape_is(op, "v_new", v_new, (B, H, t, k_pool.shape[1]))
+    same_device(op, k_pool=k_pool, v_pool=v_pool, seg_start=seg_start, seg_len=seg_len, seg_cap=seg_cap,
+                k_new=k_new, v_new=v_new)
+
+
+def check_ragged_attention(q, k_pool, v_pool, seg_start, seg_len):
+    op = "ragged_attention"
+    tensor(op, "q", q, 4, FLOAT_DTYPES)
+    tensor(op, "k_pool", k_pool, 2, (q.dtype,))
+    tensor(op, "v_pool", v_pool, 2, (q.dtype,))
+    B, Hq, Lq, D = q.shape
+    head_dim(op, "q", D)
+    if k_pool.shape[1] != D:
+        fail(op, f"k_pool rows have {k_pool.shape[1]} channels, q has head dim {D}; they must match")
+    shape_is(op, "v_pool", v_pool, tuple(k_pool.shape))
+    tensor(op, "seg_start", seg_start, 2, (torch.int64,))
+    tensor(op, "seg_len", seg_len, 2, (torch.int32,))
+    if seg_start.shape[0] != B:
+        fail(op, f"seg_start must have shape [B={B}, Hkv] (one layer: pass seg_start[layer]), "
+             f"got {tuple(seg_start.shape)}")
+    shape_is(op, "seg_len", seg_len, tuple(seg_start.shape))
+    gqa(op, Hq, seg_start.shape[1], "seg_start")
+    if Lq < 1:
+        fail(op, "q must have at least one query row (Lq >= 1)")
+    same_device(op, q=q, k_pool=k_pool, v_pool=v_pool, seg_start=seg_start, seg_len=seg_len)
+
+
+def check_kivi_params(op, bits, group_size):
+    integer(op, "bits", bits)
+    if bits not in KIVI_BITS:
+        fail(op, f"bits = {bits}; accepted: {', '.join(map(str, KIVI_BITS))}")
+    integer(op, "group_size", group_size)
+    if group_size not in KIVI_GROUPS:
+        fail(op, f"group_size = {group_size}; accepted: {', '.join(map(str, KIVI_GROUPS))}")
+
+
+def check_axis(op, axis):
+    if axis not in KIVI_AXES:
+        fail(op, f"axis = {axis!r}; accepted: 'key' (per-channel groups along tokens) or "
+             f"'value' (per-token groups along channels)")
+
+
+def check_kivi_quantize(x, bits, group_size, axis):
+    op = "kivi_quantize"
+    tensor(op, "x", x, 4, FLOAT_DTYPES)
+    check_kivi_params(op, bits, group_size)
+    check_axis(op, axis)
+    T, D = x.shape[2], x.shape[3]
+    if axis == "key" and T % group_size:
+        fail(op, f"axis='key' quantizes whole groups of tokens: T = {T} must be a multiple of group_size = {group_size}")
+    if axis == "value" and D % group_size:
+        fail(op, f"axis='value' groups channels: D = {D} must be a multiple of group_size = {group_size}")
+
+
+def kivi_layout(op, codes, scale, zero, bits, group_size, axis, prefix=""):
+    """Check a packed (codes, scale, zero) triple and return its logical (B, H, T, D)."""
+    tensor(op, f"{prefix}codes", codes, 4, (torch.int32,))
+    tensor(op, f"{prefix}scale", scale, 4, FLOAT_DTYPES)
+    tensor(op, f"{prefix}zero", zero, 4, (scale.dtype,))
+    F = 32 // bits
+    B, H = codes.shape[:2]
+    if axis == "key":
+        T, D = codes.shape[2] * F, codes.shape[3]
+        if T % group_size:
+            fail(op, f"{prefix}codes holds T = {T} tokens, not a whole number of groups of {group_size}")
+        groups = (B, H, T // group_size, D)
+    else:
+        T, D = codes.shape[2], codes.shape[3] * F
+        if D % group_size:
+            fail(op, f"{prefix}codes holds D = {D} channels, not a whole number of groups of {group_size}")
+        groups = (B, H, T, D // group_size)
+    shape_is(op, f"{prefix}scale", scale, groups)
+    shape_is(op, f"{prefix}zero", zero, groups)
+    same_device(op, **{f"{prefix}codes": codes, f"{prefix}scale": scale, f"{prefix}zero": zero})
+    return B, H, T, D
+
+
+def check_kivi_dequantize(codes, scale, zero, bits, group_size, axis):
+    op = "kivi_dequantize"
+    check_kivi_params(op, bits, group_size)
+    check_axis(op, axis)
+    kivi_layout(op, codes, scale, zero, bits, group_size, axis)
+
+
+def check_kivi_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, bits, group_size,
+                         k_lr_u, k_lr_w, v_lr_u, v_lr_w):
+    op = "kivi_attention"
+    tensor(op, "q", q, 4, FLOAT_DTYPES)
+    check_kivi_params(op, bits, group_size)
+    B, Hq, Lq, D = q.shape
+    head_dim(op, "q", D)
+    if Lq < 1:
+        fail(op, "q must have at least one query row (Lq >= 1)")
+    kb, kh, Tk, kd = kivi_layout(op, k_codes, k_scale, k_zero, bits, group_size, "key", "k_")
+    vb, vh, Tv, vd = kivi_layout(op, v_codes, v_scale, v_zero, bits, group_size, "value", "v_")
+    tensor(op, "k_tail", k_tail, 4, (q.dtype,))
+    tensor(op, "v_tail", v_tail, 4, (q.dtype,))
+    Hkv = k_tail.shape[1]
+    gqa(op, Hq, Hkv, "k_tail")
+    shape_is(op, "k_tail", k_tail, (B, Hkv, k_tail.shape[2], D))
+    shape_is(op, "v_tail", v_tail, (B, Hkv, v_tail.shape[2], D))
+    for name, got in (("k_codes", (kb, kh, kd)), ("v_codes", (vb, vh, vd))):
+        if got != (B, Hkv, D):
+            fail(op, f"{name} describes (B, Hkv, D) = {got}, expected {(B, Hkv, D)} from q and k_tail")
+    if k_scale.dtype != q.dtype or v_scale.dtype != q.dtype:
+        fail(op, f"k_scale/v_scale must have q's dtype {q.dtype}, got {k_scale.dtype}/{v_scale.dtype}", TypeError)
+    Rk, Rv = k_tail.shape[2], v_tail.shape[2]
+    if Tk + Rk != Tv + Rv:
+        fail(op, f"keys and values must cover the same tokens: Tk_quant + Rk = {Tk} + {Rk} != "
+             f"Tv_quant + Rv = {Tv} + {Rv}")
+    for side, U, W, T in (("k", k_lr_u, k_lr_w, Tk), ("v", v_lr_u, v_lr_w, Tv)):
+        if (U is None) != (W is None):
+            fail(op, f"{side}_lowrank needs both U and W, got only one")
+        if U is not None:
+            tensor(op, f"{side}_lowrank U", U, 4, FLOAT_DTYPES)
+            tensor(op, f"{side}_lowrank W", W, 4, (U.dtype,))
+            r = U.shape[-1]
+            shape_is(op, f"{side}_lowrank U", U, (B, Hkv, T, r))
+            shape_is(op, f"{side}_lowrank W", W, (B, Hkv, D, r))
+    same_device(op, q=q, k_codes=k_codes, v_codes=v_codes, k_tail=k_tail, v_tail=v_tail,
+                k_lr_u=k_lr_u, k_lr_w=k_lr_w, v_lr_u=v_lr_u, v_lr_w=v_lr_w)
+
+
+def check_lowrank_residual(err, rank, iters):
+    op = "lowrank_residual"
+    tensor(op, "err", err, 4, FLOAT_DTYPES)
+    T, D = err.shape[2], err.shape[3]
+    integer(op, "rank", rank, 1, min(T, D), f"(1 <= rank <= min(T, D) = {min(T, D)})")
+    integer(op, "iters", iters, 1)
+
+
+class PoolOverflowError(ValueError):
+    """ragged_append would write past a segment's capacity (seg_cap); nothing was written."""
+
+
+def check_capacity(seg_len: torch.Tensor, seg_cap: torch.Tensor, layer: int, t: int) -> None:
+    """Raise PoolOverflowError if t more rows do not fit in every segment of ``layer`` (a host sync)."""
+    room = seg_cap[layer] - seg_len[layer]
+    short = room < t
+    if bool(short.any()):
+        b, h = (int(i) for i in short.nonzero()[0])
+        raise PoolOverflowError(
+            f"kvkernels.ragged_append: appending t = {t} rows to layer {layer} would overflow segment "
+            f"(batch {b}, head {h}): seg_len = {int(seg_len[layer, b, h])}, seg_cap = {int(seg_cap[layer, b, h])}; "
+            f"{int(short.sum())} segment(s) lack room. Nothing was written. Compact with more slack, "
+            f"or roll back seg_len."
+        )

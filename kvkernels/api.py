@@ -1,0 +1,129 @@
+"""The documented Python API: thin wrappers over ``torch.ops.kvkernels.*`` with shapes in the docstrings.
+
+Notation: B batch, Hq query heads, Hkv KV heads (Hq % Hkv == 0, G = Hq // Hkv, query head h reads KV
+head h // G), D head dim (64, 80, 96, 128, 256), L layers. Floating inputs are fp16, bf16 or fp32;
+scores and LSE are fp32, lengths int32, pool offsets int64.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import ops as _ops  # noqa: F401  (registers torch.ops.kvkernels.*)
+
+_k = torch.ops.kvkernels
+
+
+def kvzip_score(q, k, k_self, sink_len: int, chunk_start: int, chunk_end: int, sm_scale: Optional[float] = None):
+    """KVzip reconstruction score of the chunk keys ``k[:, :, chunk_start:chunk_end]``.
+
+    q [B, Hq, Lq, D] are the reconstruction queries (post-RoPE), k [B, Hkv, N, D] the cached keys,
+    k_self [B, Hkv, Lq, D] the reconstruction input's own keys. Query row i's softmax runs over
+    sink keys ``k[..., :sink_len, :]`` ∪ the chunk keys ∪ ``k_self[..., :i+1, :]``.
+    Returns fp32 [B, Hkv, chunk_end - chunk_start]: per key, the max over the G query heads of its KV
+    head and over all Lq rows of the probability it receives. Requires sink_len <= chunk_start < chunk_end <= N.
+    """
+    return _k.kvzip_score(q, k, k_self, sink_len, chunk_start, chunk_end, sm_scale)
+
+
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """bool [R, M]: exactly min(k, M) True per row at the largest fp32 ``scores`` [R, M].
+
+    Ties go to the lower index, NaN ranks below -inf, +inf is allowed (protected tokens), -0.0 == +0.0.
+    KVzip's global budget over all layers and heads: ``topk_mask(scores.view(B, L*Hkv*N), k)``;
+    a uniform per-head budget: ``topk_mask(scores.view(B*L*Hkv, N), k)``.
+    """
+    return _k.topk_mask(scores, k)
+
+
+class Pool(NamedTuple):
+    """The ragged KV pool of all layers: segment (l, b, h) is rows seg_start[l,b,h] .. + seg_cap[l,b,h]."""
+
+    k_pool: torch.Tensor  # [P, D]
+    v_pool: torch.Tensor  # [P, D]
+    seg_start: torch.Tensor  # int64 [L, B, Hkv]
+    seg_len: torch.Tensor  # int32 [L, B, Hkv], live rows
+    seg_cap: torch.Tensor  # int32 [L, B, Hkv], seg_len at compaction + slack
+
+
+def compact_kv(keys, values, keep: torch.Tensor, num_kept: Optional[int] = None, slack: int = 0) -> Pool:
+    """Evict physically: copy the kept rows of all L layers into one ragged pool.
+
+    keys, values: lists of L tensors [B, Hkv, N, D]; keep: bool [L, B, Hkv, N]. Segment (l, b, h) holds
+    that head's kept rows in token order followed by ``slack`` free rows for appends; segments are laid
+    out in (l, b, h) order and P = num_kept + L*B*Hkv*slack. ``num_kept`` must equal ``keep.sum()``
+    (it makes the pool's shape static under torch.compile); when None it is read here (a host sync).
+    """
+    if num_kept is None:
+        num_kept = int(keep.sum())
+    return Pool(*_k.compact_kv(list(keys), list(values), keep, num_kept, slack))
+
+
+def ragged_append(pool_or_k_pool, *args, **kwargs) -> None:
+    """Append k_new/v_new [B, Hkv, t, D] at the end of each segment of one layer, in place.
+
+    ``ragged_append(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new)`` or
+    ``ragged_append(pool, layer, k_new, v_new)``. Mutates the pools and ``seg_len[layer]``. A segment
+    that would pass its ``seg_cap`` raises ``PoolOverflowError`` and nothing is written. Roll back
+    (drop a question and its answer) with ``seg_len.copy_(saved)``.
+    """
+    if isinstance(pool_or_k_pool, Pool):
+        pool = pool_or_k_pool
+        _k.ragged_append(pool.k_pool, pool.v_pool, pool.seg_start, pool.seg_len, pool.seg_cap, *args, **kwargs)
+    else:
+        _k.ragged_append(pool_or_k_pool, *args, **kwargs)
+
+
+def ragged_attention(q, k_pool, v_pool, seg_start, seg_len, sm_scale: Optional[float] = None,
+                     return_lse: bool = False):
+    """Attention of q [B, Hq, Lq, D] over each KV head's segment of one layer of the pool.
+
+    seg_start int64 [B, Hkv] and seg_len int32 [B, Hkv] are one layer's rows (``pool.seg_start[l]``).
+    The last Lq rows of a segment are the queries' own keys (append them first); query i sees rows
+    0 .. seg_len - Lq + i (bottom-right causal). Returns o [B, Hq, Lq, D], or (o, lse fp32 [B, Hq, Lq])
+    with ``return_lse=True``; a query that sees no row gets o = 0 and lse = -inf.
+    """
+    o, lse = _k.ragged_attention(q, k_pool, v_pool, seg_start, seg_len, sm_scale, return_lse)
+    return (o, lse) if return_lse else o
+
+
+def kivi_quantize(x: torch.Tensor, bits: int = 2, group_size: int = 32, axis: str = "key"):
+    """KIVI asymmetric quantization of x [B, H, T, D] -> (codes int32, scale, zero).
+
+    axis="key": per channel, groups of ``group_size`` consecutive tokens (T % group_size == 0);
+    codes [B, H, T/F, D] with F = 32 // bits codes per int32 packed along tokens, LSB first;
+    scale, zero [B, H, T/group_size, D]. axis="value": per token, groups of channels (D % group_size == 0);
+    codes [B, H, T, D/F] packed along channels; scale, zero [B, H, T, D/group_size].
+    zero = group min, scale = (max - min) / (2^bits - 1), stored in x.dtype; a constant group gets code 0.
+    """
+    return _k.kivi_quantize(x, bits, group_size, axis)
+
+
+def kivi_dequantize(codes, scale, zero, bits: int = 2, group_size: int = 32, axis: str = "key"):
+    """x_hat [B, H, T, D] = code * scale + zero, in scale.dtype (inverse layout of :func:`kivi_quantize`)."""
+    return _k.kivi_dequantize(codes, scale, zero, bits, group_size, axis)
+
+
+def kivi_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, bits: int = 2,
+                   group_size: int = 32, sm_scale: Optional[float] = None, k_lowrank=None, v_lowrank=None):
+    """Attention of q [B, Hq, Lq, D] over a KIVI cache: keys [dequant(K codes); k_tail], values likewise.
+
+    k_tail [B, Hkv, Rk, D], v_tail [B, Hkv, Rv, D] are the full-precision recent tokens; the quantized
+    parts must cover the same tokens: Tk_quant + Rk == Tv_quant + Rv. Bottom-right causal for Lq > 1.
+    ``k_lowrank=(U [B, Hkv, Tk_quant, r], W [B, Hkv, D, r])`` adds U·Wᵀ to the dequantized keys
+    (GEAR's residual); ``v_lowrank`` likewise for values. Returns o [B, Hq, Lq, D].
+    """
+    ku, kw = k_lowrank if k_lowrank is not None else (None, None)
+    vu, vw = v_lowrank if v_lowrank is not None else (None, None)
+    return _k.kivi_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, bits,
+                             group_size, sm_scale, ku, kw, vu, vw)
+
+
+def lowrank_residual(err: torch.Tensor, rank: int = 4, iters: int = 3):
+    """(U [B, H, T, r], W [B, H, D, r]) with U·Wᵀ ≈ err [B, H, T, D], by subspace (power) iteration.
+
+    U has orthonormal columns; the start basis is fixed, so results are deterministic.
+    """
+    return _k.lowrank_residual(err, rank, iters)

@@ -1,0 +1,233 @@
+"""The ``torch.ops.kvkernels`` operators: registration, fake (meta) kernels and dispatch.
+
+Every op is a ``torch.library.custom_op`` so that it works the same in eager mode, under
+``torch.compile(fullgraph=True)`` (Inductor treats it as opaque and uses the fake kernel for shapes)
+and inside CUDA graphs. The real kernel of every op, on every device, is the same short function:
+validate, then call whatever :func:`kvkernels._backend.resolve` picks (reference, Triton or CuPy).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _validate as V
+from ._backend import resolve
+
+LIB = "kvkernels"
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. kvzip_score
+@torch.library.custom_op(f"{LIB}::kvzip_score", mutates_args=())
+def kvzip_score(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    k_self: torch.Tensor,
+    sink_len: int,
+    chunk_start: int,
+    chunk_end: int,
+    sm_scale: Optional[float] = None,
+) -> torch.Tensor:
+    V.check_kvzip_score(q, k, k_self, sink_len, chunk_start, chunk_end)
+    scale = V.scale_value("kvzip_score", sm_scale, q.shape[-1])
+    fn = resolve("kvzip_score", q.device)
+    return fn(q, k, k_self, sink_len, chunk_start, chunk_end, scale)
+
+
+@kvzip_score.register_fake
+def _(q, k, k_self, sink_len, chunk_start, chunk_end, sm_scale=None):
+    V.check_kvzip_score(q, k, k_self, sink_len, chunk_start, chunk_end)
+    return q.new_empty(q.shape[0], k.shape[1], chunk_end - chunk_start, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. topk_mask
+@torch.library.custom_op(f"{LIB}::topk_mask", mutates_args=())
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    V.check_topk_mask(scores, k)
+    return resolve("topk_mask", scores.device)(scores, k)
+
+
+@topk_mask.register_fake
+def _(scores, k):
+    V.check_topk_mask(scores, k)
+    return torch.empty_like(scores, dtype=torch.bool)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. compact_kv
+def _check_num_kept(keep: torch.Tensor, num_kept: int) -> None:
+    # The one host read of compact_kv: num_kept fixes the pool's shape, so it must be right.
+    actual = int(keep.sum())
+    if actual != num_kept:
+        V.fail("compact_kv", f"num_kept = {num_kept} but keep has {actual} True entries; pass keep.sum()")
+
+
+@torch.library.custom_op(f"{LIB}::compact_kv", mutates_args=())
+def compact_kv(
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    keep: torch.Tensor,
+    num_kept: int,
+    slack: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    V.check_compact_kv(keys, values, keep, num_kept, slack)
+    _check_num_kept(keep, num_kept)
+    return resolve("compact_kv", keep.device)(list(keys), list(values), keep, num_kept, slack)
+
+
+@compact_kv.register_fake
+def _(keys, values, keep, num_kept, slack):
+    V.check_compact_kv(keys, values, keep, num_kept, slack)
+    L, B, H, _ = keep.shape
+    P = num_kept + L * B * H * slack
+    seg = (L, B, H)
+    return (
+        keys[0].new_empty(P, keys[0].shape[-1]),
+        values[0].new_empty(P, values[0].shape[-1]),
+        keep.new_empty(seg, dtype=torch.int64),
+        keep.new_empty(seg, dtype=torch.int32),
+        keep.new_empty(seg, dtype=torch.int32),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. ragged_append
+@torch.library.custom_op(f"{LIB}::ragged_append", mutates_args=("k_pool", "v_pool", "seg_len"))
+def ragged_append(
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    seg_start: torch.Tensor,
+    seg_len: torch.Tensor,
+    seg_cap: torch.Tensor,
+    layer: int,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+) -> None:
+    V.check_ragged_append(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new)
+    fn = resolve("ragged_append", k_pool.device)
+    fn(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new)
+
+
+@ragged_append.register_fake
+def _(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new):
+    V.check_ragged_append(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. ragged_attention
+@torch.library.custom_op(f"{LIB}::ragged_attention", mutates_args=())
+def ragged_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    seg_start: torch.Tensor,
+    seg_len: torch.Tensor,
+    sm_scale: Optional[float] = None,
+    return_lse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    V.check_ragged_attention(q, k_pool, v_pool, seg_start, seg_len)
+    scale = V.scale_value("ragged_attention", sm_scale, q.shape[-1])
+    fn = resolve("ragged_attention", q.device)
+    return fn(q, k_pool, v_pool, seg_start, seg_len, scale, return_lse)
+
+
+@ragged_attention.register_fake
+def _(q, k_pool, v_pool, seg_start, seg_len, sm_scale=None, return_lse=False):
+    V.check_ragged_attention(q, k_pool, v_pool, seg_start, seg_len)
+    lse_shape = q.shape[:3] if return_lse else (0,)
+    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. kivi_quantize / kivi_dequantize
+@torch.library.custom_op(f"{LIB}::kivi_quantize", mutates_args=())
+def kivi_quantize(
+    x: torch.Tensor, bits: int, group_size: int, axis: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    V.check_kivi_quantize(x, bits, group_size, axis)
+    return resolve("kivi_quantize", x.device)(x, bits, group_size, axis)
+
+
+def kivi_shapes(B: int, H: int, T: int, D: int, bits: int, group_size: int, axis: str):
+    """(codes shape, scale/zero shape) of a [B, H, T, D] tensor quantized along ``axis``."""
+    F = 32 // bits
+    if axis == "key":
+        return (B, H, T // F, D), (B, H, T // group_size, D)
+    return (B, H, T, D // F), (B, H, T, D // group_size)
+
+
+@kivi_quantize.register_fake
+def _(x, bits, group_size, axis):
+    V.check_kivi_quantize(x, bits, group_size, axis)
+    codes_shape, group_shape = kivi_shapes(*x.shape, bits, group_size, axis)
+    return x.new_empty(codes_shape, dtype=torch.int32), x.new_empty(group_shape), x.new_empty(group_shape)
+
+
+@torch.library.custom_op(f"{LIB}::kivi_dequantize", mutates_args=())
+def kivi_dequantize(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int, axis: str
+) -> torch.Tensor:
+    V.check_kivi_dequantize(codes, scale, zero, bits, group_size, axis)
+    return resolve("kivi_dequantize", codes.device)(codes, scale, zero, bits, group_size, axis)
+
+
+@kivi_dequantize.register_fake
+def _(codes, scale, zero, bits, group_size, axis):
+    V.check_kivi_dequantize(codes, scale, zero, bits, group_size, axis)
+    B, H, T, D = V.kivi_layout("kivi_dequantize", codes, scale, zero, bits, group_size, axis)
+    return scale.new_empty(B, H, T, D)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7. kivi_attention
+@torch.library.custom_op(f"{LIB}::kivi_attention", mutates_args=())
+def kivi_attention(
+    q: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zero: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_zero: torch.Tensor,
+    k_tail: torch.Tensor,
+    v_tail: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sm_scale: Optional[float] = None,
+    k_lr_u: Optional[torch.Tensor] = None,
+    k_lr_w: Optional[torch.Tensor] = None,
+    v_lr_u: Optional[torch.Tensor] = None,
+    v_lr_w: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    V.check_kivi_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, bits,
+                           group_size, k_lr_u, k_lr_w, v_lr_u, v_lr_w)
+    scale = V.scale_value("kivi_attention", sm_scale, q.shape[-1])
+    fn = resolve("kivi_attention", q.device)
+    return fn(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, bits, group_size, scale,
+              k_lr_u, k_lr_w, v_lr_u, v_lr_w)
+
+
+@kivi_attention.register_fake
+def _(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, bits, group_size, sm_scale=None,
+      k_lr_u=None, k_lr_w=None, v_lr_u=None, v_lr_w=None):
+    V.check_kivi_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, bits,
+                           group_size, k_lr_u, k_lr_w, v_lr_u, v_lr_w)
+    return torch.empty_like(q)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8. lowrank_residual
+@torch.library.custom_op(f"{LIB}::lowrank_residual", mutates_args=())
+def lowrank_residual(err: torch.Tensor, rank: int, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    V.check_lowrank_residual(err, rank, iters)
+    return resolve("lowrank_residual", err.device)(err, rank, iters)
+
+
+@lowrank_residual.register_fake
+def _(err, rank, iters):
+    V.check_lowrank_residual(err, rank, iters)
+    B, H, T, D = err.shape
+    return err.new_empty(B, H, T, rank), err.new_empty(B, H, D, rank)

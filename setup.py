@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="kvkernels",
+    version="0.1.0",
+    description="Triton/CuPy kernels for KV-cache compression (KVzip, KIVI, GEAR) as torch.library ops",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["kvkernels", "kvkernels.*"]) + ["kvkernels.reference", "autotune"],
+    # The references live in the top-level reference/ folder but install under the kvkernels namespace.
+    package_dir={"kvkernels.reference": "reference"},
+    package_data={"kvkernels": ["configs/*.json"]},
+    install_requires=["torch>=2.6"],
+    extras_require={
+        "triton": ["triton>=3.2"],
+        "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", "triton>=3.2", "tqdm"],
+        "cupy": ["cupy-cuda12x>=13"],
+        "hf": ["transformers>=5.0,<5.24", "gguf>=0.10", "accelerate>=1.0", "tqdm"],
+        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "nvtx", "tqdm"],
+    },
+    entry_points={"console_scripts": ["kvkernels=kvkernels.cli:main", "kvkernels-autotune=autotune.__main__:main"]},
+)
