@@ -1,0 +1,227 @@
+"""The op contract as a whole: registration, opcheck, torch.compile, dispatch and bad inputs.
+
+Numerical correctness of each op lives in tests/test_<family>.py; here every op is exercised through
+``torch.ops.kvkernels`` on the reference backend.
+"""
+
+import math
+
+import pytest
+import torch
+
+import kvkernels
+from kvkernels import _backend
+
+OPS = ["kvzip_score", "topk_mask", "compact_kv", "ragged_append", "ragged_attention", "kivi_quantize",
+       "kivi_dequantize", "kivi_attention", "lowrank_residual"]
+
+
+def rand(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+def small_pool(L=2, B=1, H=3, N=9, D=64, slack=4, dtype=torch.float32):
+    keys = [rand(B, H, N, D, dtype=dtype) for _ in range(L)]
+    values = [rand(B, H, N, D, dtype=dtype) for _ in range(L)]
+    keep = torch.rand(L, B, H, N) < 0.5
+    return keys, values, keep, int(keep.sum()), slack
+
+
+def kivi_inputs(B=1, Hq=3, Hkv=1, Lq=1, D=64, Tq=32, R=5, bits=2, G=32, lowrank=False):
+    q = rand(B, Hq, Lq, D)
+    kc, ks, kz = kvkernels.kivi_quantize(rand(B, Hkv, Tq, D), bits, G, "key")
+    vc, vs, vz = kvkernels.kivi_quantize(rand(B, Hkv, Tq, D), bits, G, "value")
+    lr = [rand(B, Hkv, Tq, 2), rand(B, Hkv, D, 2), rand(B, Hkv, Tq, 2), rand(B, Hkv, D, 2)] if lowrank else [None] * 4
+    return (q, kc, ks, kz, vc, vs, vz, rand(B, Hkv, R, D), rand(B, Hkv, R, D), bits, G, None, *lr)
+
+
+def op_samples():
+    keys, values, keep, num_kept, slack = small_pool()
+    pool = kvkernels.compact_kv(keys, values, keep, num_kept, slack)
+    yield "kvzip_score", (rand(1, 6, 5, 64), rand(1, 2, 40, 64), rand(1, 2, 5, 64), 4, 10, 27, None)
+    yield "topk_mask", (rand(3, 50), 7)
+    yield "compact_kv", (keys, values, keep, num_kept, slack)
+    yield "ragged_append", (*pool, 1, rand(1, 3, 2, 64), rand(1, 3, 2, 64))
+    yield "ragged_attention", (rand(1, 9, 2, 64), pool.k_pool, pool.v_pool, pool.seg_start[0], pool.seg_len[0],
+                               None, True)
+    yield "kivi_quantize", (rand(1, 2, 64, 64), 2, 32, "key")
+    yield "kivi_dequantize", (*kvkernels.kivi_quantize(rand(1, 2, 8, 64), 4, 32, "value"), 4, 32, "value")
+    yield "kivi_attention", kivi_inputs(lowrank=True)
+    yield "lowrank_residual", (rand(1, 2, 20, 64), 3, 2)
+
+
+@pytest.mark.parametrize("name,args", list(op_samples()), ids=[n for n, _ in op_samples()])
+def test_opcheck(name, args):
+    # opcheck runs the op through the schema, fake-tensor, autograd-registration and AOT-dispatch checks.
+    torch.library.opcheck(getattr(torch.ops.kvkernels, name).default, args)
+
+
+def test_every_op_is_registered():
+    for name in OPS:
+        assert hasattr(torch.ops.kvkernels, name), name
+
+
+def test_import_does_not_import_triton_or_cupy():
+    import subprocess
+    import sys
+
+    code = "import sys, kvkernels; print('triton' in sys.modules, 'cupy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_compile_fullgraph_compress_append_attend():
+    """A small compress -> append -> attend sequence compiles as one graph and matches eager."""
+    L, B, Hkv, Hq, N, D, slack = 2, 1, 3, 9, 12, 64, 4
+    keys = [rand(B, Hkv, N, D) for _ in range(L)]
+    values = [rand(B, Hkv, N, D) for _ in range(L)]
+    scores = rand(L, B, Hkv, N)
+    num_kept = 20
+    q = rand(B, Hq, 1, D)
+    k_new, v_new = rand(B, Hkv, 1, D), rand(B, Hkv, 1, D)
+
+    def step(keys, values, scores, q, k_new, v_new):
+        flat = scores.permute(1, 0, 2, 3).reshape(B, L * Hkv * N)
+        keep = torch.ops.kvkernels.topk_mask(flat, num_kept // B).view(B, L, Hkv, N).permute(1, 0, 2, 3)
+        k_pool, v_pool, start, length, cap = torch.ops.kvkernels.compact_kv(keys, values, keep.contiguous(),
+                                                                            num_kept, slack)
+        torch.ops.kvkernels.ragged_append(k_pool, v_pool, start, length, cap, 1, k_new, v_new)
+        o, lse = torch.ops.kvkernels.ragged_attention(q, k_pool, v_pool, start[1], length[1], None, True)
+        return o, lse, length
+
+    eager = step(keys, values, scores, q, k_new, v_new)
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")(keys, values, scores, q, k_new, v_new)
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dispatch
+
+
+def test_backend_env_and_context(monkeypatch):
+    monkeypatch.setenv("KVKERNELS_BACKEND", "reference")
+    assert kvkernels.current_backend() == "reference"
+    with kvkernels.use_backend("auto"):
+        assert kvkernels.current_backend() == "auto"
+        kvkernels.topk_mask(rand(2, 5), 2)
+        assert kvkernels.last_choice() == ("topk_mask", "reference")  # auto on CPU = reference
+    assert kvkernels.current_backend() == "reference"
+    monkeypatch.setenv("KVKERNELS_BACKEND", "fast")
+    with pytest.raises(ValueError, match="KVKERNELS_BACKEND.*unknown backend 'fast'"):
+        kvkernels.current_backend()
+    with pytest.raises(ValueError, match="use_backend.*accepted"):
+        with kvkernels.use_backend("cuda"):
+            pass
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with kvkernels.use_backend("triton"):
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            kvkernels.topk_mask(rand(2, 5), 2)
+
+
+def test_cupy_falls_through_for_ops_it_lacks_and_refuses_cpu():
+    with kvkernels.use_backend("cupy"):
+        with pytest.raises(RuntimeError, match="CuPy kernels need CUDA tensors"):
+            kvkernels.topk_mask(rand(2, 5), 2)
+    # cupy has no lowrank kernel: it falls through to triton (the interpreter runs it on CPU here).
+    with kvkernels.use_backend("cupy"):
+        kvkernels.lowrank_residual(rand(1, 1, 8, 64), 2, 1)
+    assert kvkernels.last_choice() == ("lowrank_residual", "triton")
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad inputs: every op names the argument and what it accepts.
+
+BAD = [
+    ("kvzip_score", lambda: kvkernels.kvzip_score(rand(1, 6, 5, 64), rand(1, 4, 40, 64), rand(1, 4, 5, 64), 0, 0, 8),
+     ValueError, "multiple of k's KV head count 4"),
+    ("kvzip_score", lambda: kvkernels.kvzip_score(rand(1, 6, 5, 60), rand(1, 2, 40, 60), rand(1, 2, 5, 60), 0, 0, 8),
+     ValueError, "head dim 60; accepted: 64, 80, 96, 128, 256"),
+    ("kvzip_score", lambda: kvkernels.kvzip_score(rand(1, 6, 5, 64), rand(1, 2, 40, 64), rand(1, 2, 5, 64), 4, 2, 8),
+     ValueError, "chunk_start = 2 is out of range"),
+    ("kvzip_score", lambda: kvkernels.kvzip_score(rand(1, 6, 5, 64), rand(1, 2, 40, 64), rand(1, 2, 5, 64), 0, 0, 41),
+     ValueError, "chunk_end = 41 is out of range"),
+    ("kvzip_score", lambda: kvkernels.kvzip_score(rand(1, 6, 5, 64), rand(1, 2, 40, 64).half(), rand(1, 2, 5, 64),
+                                                  0, 0, 8), TypeError, "k has dtype torch.float16"),
+    ("kvzip_score", lambda: kvkernels.kvzip_score(rand(1, 6, 5, 64), rand(1, 2, 40, 64), rand(1, 2, 4, 64), 0, 0, 8),
+     ValueError, r"k_self must have shape \(1, 2, 5, 64\)"),
+    ("kvzip_score", lambda: kvkernels.kvzip_score(rand(1, 6, 5, 64), rand(1, 2, 40, 64), rand(1, 2, 5, 64), 0, 0, 8,
+                                                  sm_scale=-1.0), ValueError, "sm_scale"),
+    ("topk_mask", lambda: kvkernels.topk_mask(rand(2, 5).half(), 2), TypeError, "scores has dtype torch.float16"),
+    ("topk_mask", lambda: kvkernels.topk_mask(rand(10), 2), ValueError, "scores must have 2 dims"),
+    ("topk_mask", lambda: kvkernels.topk_mask(rand(2, 5), -1), ValueError, "k = -1 is out of range"),
+    ("compact_kv", lambda: kvkernels.compact_kv(*small_pool()[:2], torch.ones(2, 1, 3, 9, dtype=torch.bool), 5, 0),
+     ValueError, "num_kept = 5 but keep has 54 True entries"),
+    ("compact_kv", lambda: kvkernels.compact_kv(*small_pool()[:2], torch.ones(3, 1, 3, 9, dtype=torch.bool), 81, 0),
+     ValueError, "keys must be a list of L = 3 tensors"),
+    ("compact_kv", lambda: kvkernels.compact_kv(*small_pool()[:2], torch.ones(2, 1, 3, 9), 54, 0),
+     TypeError, "keep has dtype torch.float32; accepted: bool"),
+    ("compact_kv", lambda: kvkernels.compact_kv(*small_pool()[:3], 54, -1), ValueError, "slack = -1"),
+    ("ragged_attention", lambda: kvkernels.ragged_attention(rand(2, 9, 1, 64), rand(10, 64), rand(10, 64),
+                                                            torch.zeros(1, 3, dtype=torch.long),
+                                                            torch.zeros(1, 3, dtype=torch.int32)),
+     ValueError, r"seg_start must have shape \[B=2, Hkv\]"),
+    ("ragged_attention", lambda: kvkernels.ragged_attention(rand(1, 9, 1, 64), rand(10, 64), rand(10, 64),
+                                                            torch.zeros(1, 3, dtype=torch.int32),
+                                                            torch.zeros(1, 3, dtype=torch.int32)),
+     TypeError, "seg_start has dtype torch.int32; accepted: int64"),
+    ("ragged_attention", lambda: kvkernels.ragged_attention(rand(1, 9, 1, 64), rand(10, 128), rand(10, 128),
+                                                            torch.zeros(1, 3, dtype=torch.long),
+                                                            torch.zeros(1, 3, dtype=torch.int32)),
+     ValueError, "k_pool rows have 128 channels"),
+    ("kivi_quantize", lambda: kvkernels.kivi_quantize(rand(1, 1, 48, 64), 2, 32, "key"), ValueError,
+     "T = 48 must be a multiple of group_size = 32"),
+    ("kivi_quantize", lambda: kvkernels.kivi_quantize(rand(1, 1, 32, 64), 3, 32, "key"), ValueError,
+     "bits = 3; accepted: 2, 4"),
+    ("kivi_quantize", lambda: kvkernels.kivi_quantize(rand(1, 1, 32, 64), 2, 16, "key"), ValueError,
+     "group_size = 16; accepted: 32, 64, 128"),
+    ("kivi_quantize", lambda: kvkernels.kivi_quantize(rand(1, 1, 32, 64), 2, 128, "value"), ValueError,
+     "D = 64 must be a multiple of group_size = 128"),
+    ("kivi_quantize", lambda: kvkernels.kivi_quantize(rand(1, 1, 32, 64), 2, 32, "channel"), ValueError,
+     "axis = 'channel'; accepted"),
+    ("kivi_dequantize", lambda: kvkernels.kivi_dequantize(torch.zeros(1, 1, 2, 64, dtype=torch.int32),
+                                                          rand(1, 1, 2, 64), rand(1, 1, 2, 64), 2, 32, "key"),
+     ValueError, r"scale must have shape \(1, 1, 1, 64\)"),
+    ("kivi_attention", lambda: kvkernels.kivi_attention(*kivi_inputs(R=5)[:7], rand(1, 1, 5, 64), rand(1, 1, 4, 64)),
+     ValueError, "Tk_quant \\+ Rk = 32 \\+ 5 != Tv_quant \\+ Rv = 32 \\+ 4"),
+    ("kivi_attention", lambda: kvkernels.kivi_attention(*kivi_inputs()[:9], k_lowrank=(rand(1, 1, 32, 2), None)),
+     ValueError, "k_lowrank needs both U and W"),
+    ("lowrank_residual", lambda: kvkernels.lowrank_residual(rand(1, 1, 8, 64), 9, 2), ValueError,
+     r"rank = 9 is out of range; accepted: \[1, 8\]"),
+    ("lowrank_residual", lambda: kvkernels.lowrank_residual(rand(1, 1, 8, 64), 2, 0), ValueError, "iters = 0"),
+]
+
+
+@pytest.mark.parametrize("name,call,exc,match", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_inputs_raise_clear_errors(name, call, exc, match):
+    with pytest.raises(exc, match=match) as info:
+        call()
+    assert f"kvkernels.{name}" in str(info.value)
+
+
+def test_append_overflow_writes_nothing():
+    keys, values, keep, num_kept, _ = small_pool()
+    pool = kvkernels.compact_kv(keys, values, keep, num_kept, slack=2)
+    before = [t.clone() for t in pool]
+    with pytest.raises(kvkernels.PoolOverflowError, match="would overflow segment"):
+        kvkernels.ragged_append(pool, 0, rand(1, 3, 3, 64), rand(1, 3, 3, 64))
+    for b, a in zip(before, pool):
+        assert torch.equal(b, a)
+
+
+def test_default_sm_scale_is_inverse_sqrt_d():
+    q, k = rand(1, 3, 2, 64), rand(1, 1, 20, 64)
+    ks = rand(1, 1, 2, 64)
+    default = kvkernels.kvzip_score(q, k, ks, 0, 0, 20)
+    explicit = kvkernels.kvzip_score(q, k, ks, 0, 0, 20, sm_scale=1 / math.sqrt(64))
+    torch.testing.assert_close(default, explicit)
+
+
+def test_wrong_python_types_are_rejected_by_the_schema():
+    # torch checks scalar argument types against the op schema before our validation runs; its
+    # message names the argument and the expected type.
+    with pytest.raises(RuntimeError, match="Expected a value of type 'int' for argument 'k'"):
+        kvkernels.topk_mask(rand(2, 5), 2.0)
