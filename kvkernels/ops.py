@@ -12,10 +12,18 @@ from typing import Optional
 
 import torch
 
+from . import _nvtx
 from . import _validate as V
 from ._backend import resolve
 
 LIB = "kvkernels"
+
+
+def _run(op: str, device: torch.device, *args):
+    """Call the backend's kernel for ``op``, inside an NVTX range named after the op (free when unprofiled)."""
+    fn = resolve(op, device)
+    with _nvtx.range(op):
+        return fn(*args)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -32,8 +40,7 @@ def kvzip_score(
 ) -> torch.Tensor:
     V.check_kvzip_score(q, k, k_self, sink_len, chunk_start, chunk_end)
     scale = V.scale_value("kvzip_score", sm_scale, q.shape[-1])
-    fn = resolve("kvzip_score", q.device)
-    return fn(q, k, k_self, sink_len, chunk_start, chunk_end, scale)
+    return _run("kvzip_score", q.device, q, k, k_self, sink_len, chunk_start, chunk_end, scale)
 
 
 @kvzip_score.register_fake
@@ -47,7 +54,7 @@ def _(q, k, k_self, sink_len, chunk_start, chunk_end, sm_scale=None):
 @torch.library.custom_op(f"{LIB}::topk_mask", mutates_args=())
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     V.check_topk_mask(scores, k)
-    return resolve("topk_mask", scores.device)(scores, k)
+    return _run("topk_mask", scores.device, scores, k)
 
 
 @topk_mask.register_fake
@@ -75,7 +82,7 @@ def compact_kv(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     V.check_compact_kv(keys, values, keep, num_kept, slack)
     _check_num_kept(keep, num_kept)
-    return resolve("compact_kv", keep.device)(list(keys), list(values), keep, num_kept, slack)
+    return _run("compact_kv", keep.device, list(keys), list(values), keep, num_kept, slack)
 
 
 @compact_kv.register_fake
@@ -107,8 +114,7 @@ def ragged_append(
     v_new: torch.Tensor,
 ) -> None:
     V.check_ragged_append(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new)
-    fn = resolve("ragged_append", k_pool.device)
-    fn(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new)
+    _run("ragged_append", k_pool.device, k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new)
 
 
 @ragged_append.register_fake
@@ -130,8 +136,7 @@ def ragged_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     V.check_ragged_attention(q, k_pool, v_pool, seg_start, seg_len)
     scale = V.scale_value("ragged_attention", sm_scale, q.shape[-1])
-    fn = resolve("ragged_attention", q.device)
-    return fn(q, k_pool, v_pool, seg_start, seg_len, scale, return_lse)
+    return _run("ragged_attention", q.device, q, k_pool, v_pool, seg_start, seg_len, scale, return_lse)
 
 
 @ragged_attention.register_fake
@@ -148,7 +153,7 @@ def kivi_quantize(
     x: torch.Tensor, bits: int, group_size: int, axis: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     V.check_kivi_quantize(x, bits, group_size, axis)
-    return resolve("kivi_quantize", x.device)(x, bits, group_size, axis)
+    return _run("kivi_quantize", x.device, x, bits, group_size, axis)
 
 
 def kivi_shapes(B: int, H: int, T: int, D: int, bits: int, group_size: int, axis: str):
@@ -171,7 +176,7 @@ def kivi_dequantize(
     codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int, axis: str
 ) -> torch.Tensor:
     V.check_kivi_dequantize(codes, scale, zero, bits, group_size, axis)
-    return resolve("kivi_dequantize", codes.device)(codes, scale, zero, bits, group_size, axis)
+    return _run("kivi_dequantize", codes.device, codes, scale, zero, bits, group_size, axis)
 
 
 @kivi_dequantize.register_fake
@@ -205,9 +210,8 @@ def kivi_attention(
     V.check_kivi_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, bits,
                            group_size, k_lr_u, k_lr_w, v_lr_u, v_lr_w)
     scale = V.scale_value("kivi_attention", sm_scale, q.shape[-1])
-    fn = resolve("kivi_attention", q.device)
-    return fn(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, bits, group_size, scale,
-              k_lr_u, k_lr_w, v_lr_u, v_lr_w)
+    return _run("kivi_attention", q.device, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail,
+                bits, group_size, scale, k_lr_u, k_lr_w, v_lr_u, v_lr_w)
 
 
 @kivi_attention.register_fake
@@ -223,7 +227,7 @@ def _(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, bit
 @torch.library.custom_op(f"{LIB}::lowrank_residual", mutates_args=())
 def lowrank_residual(err: torch.Tensor, rank: int, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     V.check_lowrank_residual(err, rank, iters)
-    return resolve("lowrank_residual", err.device)(err, rank, iters)
+    return _run("lowrank_residual", err.device, err, rank, iters)
 
 
 @lowrank_residual.register_fake
