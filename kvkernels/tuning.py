@@ -30,9 +30,15 @@ def length_bucket(n: int) -> int:
 
 
 def device_name(device: Optional[torch.device] = None) -> str:
-    if device is not None and device.type == "cpu" or not torch.cuda.is_available():
+    if (device is not None and device.type == "cpu") or not torch.cuda.is_available():
         return "cpu"
-    return torch.cuda.get_device_name(device).replace(" ", "_")
+    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    return _cuda_name(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index).replace(" ", "_")
 
 
 def triton_version() -> str:
@@ -82,11 +88,21 @@ def _load_tables(files: tuple[Path, ...]) -> dict[str, dict[str, dict[str, Any]]
 
 
 def lookup(module_name: str, op: str, shape_key: str, device: Optional[torch.device] = None) -> Optional[dict]:
-    """The tuned config of ``op`` for ``shape_key`` (a string built from bucketed sizes), or None."""
-    tables = _load_tables(tuple(_candidate_files()))
-    return tables.get(table_key(module_name, device), {}).get(f"{op}|{shape_key}")
+    """The tuned config of ``op`` for ``shape_key`` (a string built from bucketed sizes), or None.
+
+    Answers are memoised, so on the decode path a lookup is one dict access after the first call.
+    """
+    memo_key = (module_name, op, shape_key, device_name(device))
+    if memo_key not in _memo:
+        tables = _load_tables(tuple(_candidate_files()))
+        _memo[memo_key] = tables.get(table_key(module_name, device), {}).get(f"{op}|{shape_key}")
+    return _memo[memo_key]
+
+
+_memo: dict[tuple, Optional[dict]] = {}
 
 
 def reload() -> None:
-    """Forget loaded tables (after the autotuner wrote a new file)."""
+    """Forget loaded tables and memoised answers (after the autotuner wrote a new file, or in tests)."""
     _load_tables.cache_clear()
+    _memo.clear()
