@@ -8,7 +8,9 @@ from ._backend import current_backend, last_choice, use_backend
 from ._validate import PoolOverflowError
 from .api import (
     Pool,
+    check_overflow,
     compact_kv,
+    deferred_overflow_checks,
     kivi_attention,
     kivi_dequantize,
     kivi_quantize,
@@ -24,7 +26,9 @@ __version__ = "0.1.0"
 __all__ = [
     "Pool",
     "PoolOverflowError",
+    "check_overflow",
     "compact_kv",
+    "deferred_overflow_checks",
     "current_backend",
     "kivi_attention",
     "kivi_dequantize",

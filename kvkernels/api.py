@@ -52,7 +52,7 @@ def compact_kv(keys, values, keep: torch.Tensor, num_kept: Optional[int] = None,
     """Evict physically: copy the kept rows of all L layers into one ragged pool.
 
     keys, values: lists of L tensors [B, Hkv, N, D]; keep: bool [L, B, Hkv, N]. Segment (l, b, h) holds
-    that head's kept rows in token order followed by ``slack`` free rows for appends; segments are laid
+    that head's kept rows in token order followed by ``slack`` free, zero-filled rows for appends; segments are laid
     out in (l, b, h) order and P = num_kept + L*B*Hkv*slack. ``num_kept`` must equal ``keep.sum()``
     (it makes the pool's shape static under torch.compile); when None it is read here (a host sync).
     """
@@ -66,8 +66,9 @@ def ragged_append(pool_or_k_pool, *args, **kwargs) -> None:
 
     ``ragged_append(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new)`` or
     ``ragged_append(pool, layer, k_new, v_new)``. Mutates the pools and ``seg_len[layer]``. A segment
-    that would pass its ``seg_cap`` raises ``PoolOverflowError`` and nothing is written. Roll back
-    (drop a question and its answer) with ``seg_len.copy_(saved)``.
+    that would pass its ``seg_cap`` raises ``PoolOverflowError`` and nothing is written; checking costs
+    one host sync per call, except inside :func:`deferred_overflow_checks` (Triton backend, CUDA-graph
+    safe). Roll back (drop a question and its answer) with ``seg_len.copy_(saved)``.
     """
     if isinstance(pool_or_k_pool, Pool):
         pool = pool_or_k_pool
@@ -127,3 +128,23 @@ def lowrank_residual(err: torch.Tensor, rank: int = 4, iters: int = 3):
     U has orthonormal columns; the start basis is fixed, so results are deterministic.
     """
     return _k.lowrank_residual(err, rank, iters)
+
+
+def deferred_overflow_checks(check_on_exit: bool = True):
+    """Context manager: ``ragged_append`` on the Triton backend stops syncing to check for overflow.
+
+    Inside it an append that would overflow writes nothing and is recorded on the device, so appends
+    can be captured in a CUDA graph; :func:`check_overflow` (one sync) raises ``PoolOverflowError`` for
+    the recorded ones, as does leaving the block unless ``check_on_exit=False``. Do one warm-up append
+    before graph capture (it allocates the per-device status buffer). Imports Triton.
+    """
+    from .triton.pool import deferred_overflow_checks as _deferred
+
+    return _deferred(check_on_exit)
+
+
+def check_overflow(device=None) -> None:
+    """Raise ``PoolOverflowError`` for appends that overflowed inside :func:`deferred_overflow_checks`."""
+    from .triton.pool import check_overflow as _check
+
+    _check(device)

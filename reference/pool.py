@@ -25,7 +25,7 @@ def compact_kv(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Copy the kept rows of every (layer, batch, head) into one pool, in token order, plus slack rows.
 
-    Slack rows are zero here; the contract leaves their contents unspecified.
+    Slack rows are zero-filled (every backend does this, so the op is deterministic).
     """
     L, B, H, N = keep.shape
     D = keys[0].shape[-1]
