@@ -20,10 +20,12 @@ from .api import (
     ragged_attention,
     topk_mask,
 )
+from .kivi_cache import KiviCache
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "KiviCache",
     "Pool",
     "PoolOverflowError",
     "check_overflow",
