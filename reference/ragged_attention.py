@@ -25,8 +25,11 @@ def ragged_attention(
     max_len = int(seg_len.max()) if seg_len.numel() else 0
     pos = torch.arange(max_len, device=q.device)
     rows = (seg_start[..., None] + pos).clamp(max=max(k_pool.shape[0] - 1, 0))  # [B, Hkv, max_len]
-    keys = k_pool[rows].float()  # [B, Hkv, max_len, D]
-    vals = v_pool[rows].float()
+    # Rows past a segment's length (its slack, or the next segment) are unspecified and may hold NaN/inf:
+    # zero them, since a masked probability of 0 times NaN would still be NaN.
+    in_segment = (pos < seg_len.long()[..., None])[..., None]  # [B, Hkv, max_len, 1]
+    keys = k_pool[rows].float().masked_fill(~in_segment, 0.0)  # [B, Hkv, max_len, D]
+    vals = v_pool[rows].float().masked_fill(~in_segment, 0.0)
     logits = torch.einsum("bhgld,bhsd->bhgls", q.float().reshape(B, Hkv, G, Lq, D), keys) * sm_scale
     # Query row i sees segment rows 0 .. len - Lq + i: its own key is the (Lq - i)-th from the end.
     last_visible = seg_len.long()[..., None] - Lq + torch.arange(Lq, device=q.device)  # [B, Hkv, Lq]
