@@ -16,7 +16,7 @@ setup(
         "triton": ["triton>=3.2"],
         "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", "triton>=3.2", "tqdm"],
         "cupy": ["cupy-cuda12x>=13"],
-        "hf": ["transformers>=5.0,<5.24", "gguf>=0.10", "accelerate>=1.0", "tqdm"],
+        "hf": ["transformers>=5.23,<5.24", "gguf>=0.10", "accelerate>=1.0", "tqdm"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", "nvtx", "tqdm"],
     },
     entry_points={"console_scripts": ["kvkernels=kvkernels.cli:main", "kvkernels-autotune=autotune.__main__:main"]},

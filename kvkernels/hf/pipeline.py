@@ -1,0 +1,367 @@
+"""Compress once, ask many: KVzip on a transformers causal LM.
+
+::
+
+    from kvkernels.hf import load_smollm2, compress
+    model, tokenizer = load_smollm2()
+    ctx = compress(model, tokenizer, long_text, keep=0.3)     # prefill + KVzip scoring + eviction
+    ctx.ask("Where does Alice live?")                         # greedy answer over the ragged pool
+    ctx.nbytes(), ctx.dense_nbytes()                          # bytes held vs the dense cache
+
+Prompt layout (the model's chat template, split around the context)::
+
+    [sink: system prompt + user header] [context] ["\\n\\n" question] [end of turn + assistant opener] answer
+
+The sink is never evicted. ``keep`` is the fraction of context KV pairs KEPT (KVzip's ``ratio``);
+``compression_ratio`` is the fraction REMOVED (kvpress's naming); give one of them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from transformers import DynamicCache
+
+import kvkernels
+
+from .attention import RAGGED_ATTENTION, attention_implementation
+from .cache import RaggedPoolCache
+from .scoring import (broadcast_head_scores, external_scores, kvzip_scores, resolve_keep, select_kept)
+
+CONTEXT_MARKER = "\u27e6KVKERNELS-CONTEXT\u27e7"
+
+
+class PromptFormat:
+    """The chat template split around the context: ``sink`` text before it, ``turn_end`` after the user turn.
+
+    Rendered from ``tokenizer.apply_chat_template`` with a marker in place of the user message, so any
+    chat model works; without a chat template the sink is empty and the turn ends with a newline.
+    """
+
+    def __init__(self, tokenizer, system_prompt: Optional[str] = None):
+        self.tokenizer = tokenizer
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+        messages.append({"role": "user", "content": CONTEXT_MARKER})
+        if getattr(tokenizer, "chat_template", None):
+            rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            self.sink, self.turn_end = rendered.split(CONTEXT_MARKER)
+        else:
+            self.sink, self.turn_end = (system_prompt + "\n" if system_prompt else ""), "\n"
+
+    def encode(self, text: str) -> torch.Tensor:
+        """int64 token ids [n] of ``text`` (special tokens in the text are parsed; none are added)."""
+        return torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+
+    def sink_ids(self) -> torch.Tensor:
+        return self.encode(self.sink)
+
+    def question_ids(self, question: str) -> torch.Tensor:
+        """The tokens that follow the context for a question: the question, end of turn, assistant opener."""
+        return torch.cat([self.encode("\n\n" + question), self.encode(self.turn_end)])
+
+
+@dataclass
+class Answer:
+    """One greedy answer: text, token ids (end-of-sequence excluded) and timings."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    prompt_seconds: float  # forward over the question tokens (first answer token included)
+    decode_seconds: float  # the remaining steps, one token each
+    stopped_at_eos: bool = False
+    decode_steps: int = field(default=0)
+
+    @property
+    def seconds_per_token(self) -> float:
+        """Decode time per generated token (one-token steps only), or nan when there were none."""
+        return self.decode_seconds / self.decode_steps if self.decode_steps else float("nan")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source is not None:
+            ids.update(int(i) for i in source)
+    return ids
+
+
+@torch.no_grad()
+def greedy_answer(model, tokenizer, cache, prompt_ids: torch.Tensor, start_position: int,
+                  max_new_tokens: int) -> Answer:
+    """Greedy decoding of ``prompt_ids`` [n] over ``cache``; RoPE positions start at ``start_position``.
+
+    The cache is left holding the prompt and answer (the caller rolls it back).
+    """
+    device = model.device
+    eos = _eos_ids(model, tokenizer)
+    ids = prompt_ids.to(device)[None]
+    n = ids.shape[1]
+    _sync(device)
+    t0 = time.perf_counter()
+    positions = torch.arange(start_position, start_position + n, device=device)[None]
+    logits = model(input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True,
+                   logits_to_keep=1).logits
+    token = int(logits[0, -1].argmax())
+    _sync(device)
+    t1 = time.perf_counter()
+    tokens, steps, stopped = [], 0, False
+    position = start_position + n
+    while True:
+        if token in eos:
+            stopped = True
+            break
+        tokens.append(token)
+        if len(tokens) >= max_new_tokens:
+            break
+        step = torch.tensor([[token]], device=device)
+        logits = model(input_ids=step, past_key_values=cache, position_ids=torch.tensor([[position]], device=device),
+                       use_cache=True).logits
+        token = int(logits[0, -1].argmax())  # the host read is what greedy decoding needs anyway
+        position += 1
+        steps += 1
+    _sync(device)
+    t2 = time.perf_counter()
+    text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    return Answer(text, tokens, n, t1 - t0, t2 - t1, stopped, steps)
+
+
+class DenseContext:
+    """A prefilled context in transformers' ordinary dense cache (the baseline, and the input of compression).
+
+    Build with :func:`prefill`. :meth:`ask` answers over the full cache and crops it back afterwards;
+    :meth:`compress` evicts into a :class:`CompressedContext` (this object stays usable).
+    """
+
+    def __init__(self, model, tokenizer, prompt: PromptFormat, input_ids: torch.Tensor, sink_len: int,
+                 cache: DynamicCache):
+        self.model, self.tokenizer, self.prompt = model, tokenizer, prompt
+        self.input_ids = input_ids  # [1, N]: sink + context
+        self.sink_len = sink_len
+        self.cache = cache
+
+    @property
+    def num_tokens(self) -> int:
+        """Prefilled tokens (sink + context)."""
+        return self.input_ids.shape[1]
+
+    def layer_kv(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-layer dense keys and values [B, Hkv, N, D] (post-RoPE keys, as the model caches them)."""
+        return [layer.keys for layer in self.cache.layers], [layer.values for layer in self.cache.layers]
+
+    def nbytes(self) -> int:
+        """Bytes of the dense K and V of the prefilled tokens (all layers)."""
+        keys, values = self.layer_kv()
+        return sum(t.numel() * t.element_size() for t in keys + values)
+
+    def answer(self, question: str, max_new_tokens: int = 64) -> Answer:
+        """Greedy answer over the full cache; the question and answer are cropped off afterwards."""
+        ids = self.prompt.question_ids(question)
+        try:
+            return greedy_answer(self.model, self.tokenizer, self.cache, ids, self.num_tokens, max_new_tokens)
+        finally:
+            extra = self.cache.get_seq_length() - self.num_tokens
+            if extra > 0:
+                self.cache.crop(-extra)
+
+    def ask(self, question: str, max_new_tokens: int = 64) -> str:
+        """The answer text (see :meth:`answer`)."""
+        return self.answer(question, max_new_tokens).text
+
+    def kvzip_scores(self, chunk_size: int = 2048, overlap: int = 8, progress: bool = False) -> torch.Tensor:
+        """fp32 [L, 1, Hkv, N] KVzip scores of the prefilled tokens (sink columns +inf)."""
+        return kvzip_scores(self.model, self.prompt, self.input_ids, self.cache, self.sink_len, chunk_size,
+                            overlap, progress)
+
+    def compress(self, keep: Optional[float] = None, *, compression_ratio: Optional[float] = None,
+                 budget: str = "global", scores: Optional[torch.Tensor] = None,
+                 head_scores: Optional[torch.Tensor] = None, chunk_size: int = 2048, overlap: int = 8,
+                 slack: int = 256, progress: bool = False) -> "CompressedContext":
+        """Evict the context's KV pairs into one ragged pool; see :func:`compress` for the arguments."""
+        keep = resolve_keep(keep, compression_ratio)
+        config = self.model.config
+        L, Hkv = config.num_hidden_layers, config.num_key_value_heads
+        B, N = self.input_ids.shape
+        if scores is not None and head_scores is not None:
+            raise ValueError("give scores (per token) or head_scores (per head), not both")
+        if scores is not None:
+            token_scores = external_scores(scores.to(self.input_ids.device), L, B, Hkv, N, self.sink_len)
+        elif head_scores is not None:
+            if tuple(head_scores.shape) != (L, Hkv):
+                raise ValueError(f"head_scores must have shape [L={L}, Hkv={Hkv}], got {tuple(head_scores.shape)}")
+            token_scores = broadcast_head_scores(head_scores.to(self.input_ids.device), B, N, self.sink_len)
+        elif keep >= 1.0:
+            # Everything is kept: the scoring pass would not change the selection, so skip it.
+            token_scores = torch.ones(L, B, Hkv, N, device=self.input_ids.device)
+        else:
+            token_scores = self.kvzip_scores(chunk_size, overlap, progress)
+        mask, num_kept = select_kept(token_scores, keep, self.sink_len, budget)
+        keys, values = self.layer_kv()
+        pool = kvkernels.compact_kv(keys, values, mask, num_kept=num_kept, slack=slack)
+        return CompressedContext(self.model, self.tokenizer, self.prompt, RaggedPoolCache(pool, N), self.sink_len,
+                                 keep, budget, self.nbytes(), num_kept)
+
+
+class CompressedContext:
+    """A context after KVzip eviction: one ragged pool for all layers, answered with the kvkernels ops.
+
+    Each :meth:`ask` appends the question and the answer to the pool (``ragged_append``), attends with
+    ``ragged_attention`` and rolls the pool back to the compressed context afterwards, so any number of
+    questions can be asked of one compression. :meth:`quantize` gives a KIVI-quantized copy.
+    """
+
+    def __init__(self, model, tokenizer, prompt: PromptFormat, cache, sink_len: int, keep: float, budget: str,
+                 dense_bytes: int, kept_rows: int, kivi_bits: Optional[int] = None):
+        self.model, self.tokenizer, self.prompt = model, tokenizer, prompt
+        self.cache = cache  # RaggedPoolCache, or KiviPoolCache after quantize()
+        self.sink_len = sink_len
+        self.keep = keep
+        self.budget = budget
+        self.kivi_bits = kivi_bits
+        self._dense_bytes = dense_bytes
+        self._kept_rows = kept_rows
+
+    @property
+    def pool(self) -> kvkernels.Pool:
+        """The ragged pool (not available once quantized)."""
+        if not isinstance(self.cache, RaggedPoolCache):
+            raise AttributeError("a KIVI-quantized context holds no ragged pool")
+        return self.cache.pool
+
+    @property
+    def num_tokens(self) -> int:
+        """Logical length of the compressed context (sink + context tokens before eviction)."""
+        return self.cache.checkpoint_len
+
+    def kept_rows(self) -> int:
+        """KV rows (one key + one value of one head) held for the context, over all layers and heads."""
+        return self._kept_rows
+
+    def nbytes(self, include_slack: bool = True) -> int:
+        """Bytes of K and V held (with the free slack rows for Q&A unless ``include_slack=False``)."""
+        return self.cache.nbytes(include_slack)
+
+    def dense_nbytes(self) -> int:
+        """Bytes the dense cache of the same context holds (the compression baseline)."""
+        return self._dense_bytes
+
+    def quantize(self, bits: int = 2, group_size: int = 32, residual: int = 128,
+                 slack: Optional[int] = None) -> "CompressedContext":
+        """A KIVI-quantized copy of this context (``bits`` 2 or 4, KIVI's group size and residual window).
+
+        Each (layer, KV head) segment becomes a single-head ``kvkernels.kivi_cache.KiviCache``;
+        ``slack`` (default: this pool's) bounds the question + answer tokens per ask.
+        """
+        from .kivi import KiviPoolCache
+
+        if slack is None:
+            slack = int((self.pool.seg_cap - self.cache._saved_seg_len).min())
+        cache = KiviPoolCache(self.pool, self.num_tokens, bits, group_size, residual, slack)
+        return CompressedContext(self.model, self.tokenizer, self.prompt, cache, self.sink_len, self.keep,
+                                 self.budget, self._dense_bytes, self._kept_rows, kivi_bits=bits)
+
+    def answer(self, question: str, max_new_tokens: int = 64) -> Answer:
+        """Greedy answer over the compressed pool; the pool is rolled back afterwards, even on error."""
+        ids = self.prompt.question_ids(question)
+        self.cache.reserve(ids.numel() + max_new_tokens)
+        try:
+            with attention_implementation(self.model, RAGGED_ATTENTION):
+                return greedy_answer(self.model, self.tokenizer, self.cache, ids, self.num_tokens, max_new_tokens)
+        finally:
+            self.cache.rollback()
+
+    def ask(self, question: str, max_new_tokens: int = 64) -> str:
+        """The answer text (see :meth:`answer`)."""
+        return self.answer(question, max_new_tokens).text
+
+
+@torch.no_grad()
+def prefill(model, tokenizer, context: str, *, system_prompt: Optional[str] = None, block_size: int = 512,
+            progress: bool = False) -> DenseContext:
+    """Run the sink (chat template + system prompt) and ``context`` through ``model`` into a dense cache.
+
+    The prefill runs in blocks of ``block_size`` tokens (a progress bar with ``progress=True``); the
+    result equals a single forward up to floating-point rounding.
+    """
+    prompt = PromptFormat(tokenizer, system_prompt)
+    sink = prompt.sink_ids()
+    ids = torch.cat([sink, prompt.encode(context)])[None].to(model.device)
+    cache = DynamicCache(config=model.config)
+    decoder = model.get_decoder()  # hidden states only: the vocabulary projection is not needed here
+    starts = range(0, ids.shape[1], block_size)
+    if progress:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc="prefill", unit="block")
+    for s in starts:
+        block = ids[:, s:s + block_size]
+        positions = torch.arange(s, s + block.shape[1], device=ids.device)[None]
+        decoder(input_ids=block, past_key_values=cache, position_ids=positions, use_cache=True)
+    return DenseContext(model, tokenizer, prompt, ids, sink.numel(), cache)
+
+
+def compress(model, tokenizer, context: str, keep: Optional[float] = None, *,
+             compression_ratio: Optional[float] = None, budget: str = "global",
+             scores: Optional[torch.Tensor] = None, head_scores: Optional[torch.Tensor] = None,
+             system_prompt: Optional[str] = None, chunk_size: int = 2048, overlap: int = 8, slack: int = 256,
+             kivi_bits: Optional[int] = None, kivi_group_size: int = 32, kivi_residual: int = 128,
+             progress: bool = False) -> CompressedContext:
+    """Prefill ``context``, score it with KVzip, evict, and return a :class:`CompressedContext` to ask.
+
+    Args:
+        keep: fraction of the context's KV pairs KEPT (KVzip's ``ratio``; default 0.3). The sink
+            (chat template and system prompt before the context) is always kept on top.
+        compression_ratio: fraction REMOVED (kvpress's naming; 0.7 == keep 0.3). Exclusive with ``keep``.
+        budget: ``"global"`` (one threshold over all layers and KV heads, KVzip's default),
+            ``"per_head"`` (same count per (layer, head)) or ``"per_layer"`` (same count per layer).
+        scores: optional external per-(layer, head, token) scores [L, Hkv, n] or [L, B, Hkv, n] (larger =
+            keep), e.g. from another scorer; skips the KVzip scoring pass.
+        head_scores: optional static per-(layer, head) scores [L, Hkv] (head-level KVzip, see
+            :func:`head_level_scores`); broadcast over tokens, skips the scoring pass.
+        chunk_size, overlap: KVzip reconstruction chunk length (2,048 as in kvpress) and the number of
+            previous-chunk tokens quoted in the repeat prompt (8, as in the paper).
+        slack: free rows per (layer, head) segment for question + answer tokens (the pool grows if a
+            question needs more).
+        kivi_bits: 2 or 4 to also KIVI-quantize the kept KV pairs (see :meth:`CompressedContext.quantize`;
+            ``kivi_group_size`` and ``kivi_residual`` are KIVI's group size and full-precision window).
+        progress: tqdm progress bars for the prefill and the scoring.
+    """
+    keep = resolve_keep(keep, compression_ratio)
+    dense = prefill(model, tokenizer, context, system_prompt=system_prompt, progress=progress)
+    ctx = dense.compress(keep, budget=budget, scores=scores, head_scores=head_scores, chunk_size=chunk_size,
+                         overlap=overlap, slack=slack, progress=progress)
+    return ctx.quantize(kivi_bits, kivi_group_size, kivi_residual) if kivi_bits else ctx
+
+
+def head_level_scores(model, tokenizer, context: str, *, system_prompt: Optional[str] = None,
+                      chunk_size: int = 2048, progress: bool = False) -> torch.Tensor:
+    """Static per-(layer, KV head) scores [L, Hkv] (head-level KVzip): max KVzip score over the tokens.
+
+    Compute once per model on one long context, save with :func:`save_head_scores`, and pass as
+    ``compress(..., head_scores=...)`` to skip the scoring pass (the paper recommends keep ~0.6).
+    """
+    dense = prefill(model, tokenizer, context, system_prompt=system_prompt, progress=progress)
+    scores = dense.kvzip_scores(chunk_size, progress=progress)[..., dense.sink_len:]
+    return scores.amax(dim=(1, 3)).cpu()
+
+
+def save_head_scores(path, head_scores: torch.Tensor, model_name: str = "") -> None:
+    """Save static head scores [L, Hkv] (with the model's name, checked by :func:`load_head_scores`)."""
+    torch.save({"head_scores": head_scores.float().cpu(), "model": model_name}, path)
+
+
+def load_head_scores(path, model_name: Optional[str] = None) -> torch.Tensor:
+    """Load head scores saved by :func:`save_head_scores`; with ``model_name``, check they belong to it."""
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if model_name is not None and data.get("model") and data["model"] != model_name:
+        raise ValueError(f"{path} holds head scores of {data['model']!r}, not {model_name!r}")
+    return data["head_scores"]
