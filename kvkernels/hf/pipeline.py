@@ -26,6 +26,7 @@ import torch
 from transformers import DynamicCache
 
 import kvkernels
+from kvkernels import _nvtx
 
 from .attention import RAGGED_ATTENTION, attention_implementation
 from .cache import RaggedPoolCache
@@ -204,10 +205,13 @@ class DenseContext:
             # Everything is kept: the scoring pass would not change the selection, so skip it.
             token_scores = torch.ones(L, B, Hkv, N, device=self.input_ids.device)
         else:
-            token_scores = self.kvzip_scores(chunk_size, overlap, progress)
-        mask, num_kept = select_kept(token_scores, keep, self.sink_len, budget)
+            with _nvtx.range("score"):
+                token_scores = self.kvzip_scores(chunk_size, overlap, progress)
+        with _nvtx.range("select"):
+            mask, num_kept = select_kept(token_scores, keep, self.sink_len, budget)
         keys, values = self.layer_kv()
-        pool = kvkernels.compact_kv(keys, values, mask, num_kept=num_kept, slack=slack)
+        with _nvtx.range("compact"):
+            pool = kvkernels.compact_kv(keys, values, mask, num_kept=num_kept, slack=slack)
         return CompressedContext(self.model, self.tokenizer, self.prompt, RaggedPoolCache(pool, N), self.sink_len,
                                  keep, budget, self.nbytes(), num_kept)
 
