@@ -93,6 +93,10 @@ class KiviCache:
         self.v_zero = torch.zeros_like(self.v_scale)
         self.k_tail = torch.zeros(B, H, R, D, dtype=dtype, **new)
         self.v_window = torch.zeros(B, H, 2 * R, D, dtype=dtype, **new)
+        # The device the buffers actually live on: torch.device("cuda") != torch.device("cuda:0"), so
+        # comparing an append's tensors against the *requested* device would reject every tensor of a
+        # cache built with device="cuda" (tensors always report an index).
+        self.device = self.k_tail.device
         if lowrank_rank:
             self.k_lr_u = torch.zeros(B, H, kcap, lowrank_rank, dtype=dtype, **new)
             self.k_lr_w = torch.zeros(B, H, D, lowrank_rank, dtype=dtype, **new)

@@ -60,7 +60,9 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 @topk_mask.register_fake
 def _(scores, k):
     V.check_topk_mask(scores, k)
-    return torch.empty_like(scores, dtype=torch.bool)
+    # Contiguous like every backend's output (empty_like would copy the strides of a strided `scores`,
+    # and fake/real stride mismatches make torch.compile misread the result).
+    return scores.new_empty(scores.shape, dtype=torch.bool)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -143,7 +145,8 @@ def ragged_attention(
 def _(q, k_pool, v_pool, seg_start, seg_len, sm_scale=None, return_lse=False):
     V.check_ragged_attention(q, k_pool, v_pool, seg_start, seg_len)
     lse_shape = q.shape[:3] if return_lse else (0,)
-    return torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32)
+    # o is contiguous on every backend, whatever q's strides (not empty_like(q): see topk_mask's fake).
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -219,7 +222,7 @@ def _(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, bit
       k_lr_u=None, k_lr_w=None, v_lr_u=None, v_lr_w=None):
     V.check_kivi_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, bits,
                            group_size, k_lr_u, k_lr_w, v_lr_u, v_lr_w)
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous on every backend, like ragged_attention's o
 
 
 # ---------------------------------------------------------------------------------------------------

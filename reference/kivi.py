@@ -125,4 +125,4 @@ def kivi_attention(
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     probs = torch.exp(logits - lse).nan_to_num(0.0)  # a row that sees nothing gives 0
     out = torch.einsum("bhgls,bhsd->bhgld", probs, vals)
-    return out.reshape(B, Hq, Lq, D).to(q.dtype)
+    return out.reshape(B, Hq, Lq, D).to(q.dtype).contiguous()  # the ops' fake kernels promise contiguous

@@ -38,6 +38,6 @@ def ragged_attention(
     lse = torch.logsumexp(logits, dim=-1)  # -inf where nothing is visible
     probs = torch.exp(logits - lse[..., None]).nan_to_num(0.0)  # empty rows: exp(-inf - -inf) = nan -> 0
     out = torch.einsum("bhgls,bhsd->bhgld", probs, vals)
-    o = out.reshape(B, Hq, Lq, -1).to(q.dtype)
+    o = out.reshape(B, Hq, Lq, -1).to(q.dtype).contiguous()  # the op's fake kernel promises contiguous
     lse = lse.reshape(B, Hq, Lq) if return_lse else lse.new_empty(0)
     return o, lse.contiguous()

@@ -415,3 +415,83 @@ def test_bf16_quantize_bit_exact_cuda(axis):
 @pytest.mark.parametrize("name", ["decode-G3", "gqa4-splits", "lowrank", "lq3-causal"])
 def test_bf16_attention_cuda(name):
     run_attention_case(name, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Review fixes
+
+
+@pytest.mark.parametrize("D", [128, 256])
+def test_fp32_attention_default_fits_h100_shared_memory(D):
+    """fp32 attention with 2 pipeline stages needs 245 KiB (D = 128) / 487 KiB (D = 256) of shared memory
+    when compiled for sm_90 (Triton 3.9, measured ahead of time), more than the 227 KiB an H100 block may
+    have: the launch fails with OutOfResources. The default must use one stage for fp32 (45 / 86 KiB);
+    fp16 keeps two (25-51 KiB)."""
+    args32 = make_attention_case(1, 2, 3, 1, D, 64, 5, 40, 2, 32, torch.float32)
+    args16 = make_attention_case(1, 2, 3, 1, D, 64, 5, 40, 2, 32, torch.float16)
+    assert tri._attn_default(*args32)["num_stages"] == 1
+    assert tri._attn_default(*args16)["num_stages"] == 2
+
+
+@needs_cuda
+@pytest.mark.parametrize("D", [128, 256])
+def test_fp32_attention_default_config_launches_cuda(D):
+    args = make_attention_case(2, 2, 3, 1, D, 128, 7, 100, 2, 32, torch.float32, rank=2)
+    torch.testing.assert_close(tri.kivi_attention(*args), ref.kivi_attention(*args), **ATTN_TOL[torch.float32])
+    # A config that names no stage count gets the same safe fallback.
+    cfg = {"BLOCK_N": 64, "NUM_SPLITS": 2, "num_warps": 4}
+    torch.testing.assert_close(tri.kivi_attention(*args, config=cfg), ref.kivi_attention(*args),
+                               **ATTN_TOL[torch.float32])
+
+
+@needs_cuda
+@pytest.mark.parametrize("axis", ["key", "value"])
+def test_quantize_dequantize_past_2_31_elements_cuda(axis):
+    """int64 offsets: a [B, H, T, D] tensor of more than 2**31 elements (4 GiB in fp16). With int32
+    (b, h) offsets the last heads were read from and written to wrapped addresses."""
+    B, H, T, D = 2, 8, 2**31 // (2 * 8 * 128) + 256, 128
+    try:
+        x = torch.empty(B, H, T, D, dtype=torch.float16, device=DEVICE)
+    except torch.cuda.OutOfMemoryError:
+        pytest.skip("needs about 12 GiB of GPU memory")
+    assert x.numel() > 2**31
+    last = rand_kv((1, 1, T, D), torch.float16, seed=3)
+    x.normal_()
+    x[-1:, -1:] = last
+    codes, scale, zero = tri.kivi_quantize(x, 2, 32, axis)
+    want = ref.kivi_quantize(last, 2, 32, axis)
+    for got, w in zip((codes, scale, zero), want):
+        assert torch.equal(got[-1:, -1:], w)
+    del x
+    deq = tri.kivi_dequantize(codes, scale, zero, 2, 32, axis)
+    want_deq = ref.kivi_dequantize(*want, 2, 32, axis)
+    torch.testing.assert_close(deq[-1:, -1:], want_deq, **_dequant_tolerance(want_deq, torch.float16))
+
+
+class _GridLog:
+    """Stands in for a jitted kernel: records the launch grid, runs nothing."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.log.append((self.name, tuple(grid)))
+
+
+def test_quantize_dequantize_grids_fit_cuda_axis_limits(monkeypatch):
+    """Review fix: CUDA grid axes 1 and 2 are limited to 65535 programs. The token blocks were on axis 1,
+    so quantizing/dequantizing more than ~1M (value axis) or ~2M (key axis) tokens failed to launch on a
+    GPU. They are on axis 0 now. (The interpreter has no such limit, hence a launch-grid check; inputs
+    and outputs are zero-stride views, so nothing large is allocated.)"""
+    log = []
+    for name in ("_quant_key_kernel", "_quant_value_kernel", "_dequant_key_kernel", "_dequant_value_kernel"):
+        monkeypatch.setattr(tri, name, _GridLog(name, log))
+    monkeypatch.setattr(tri, "_empty", lambda shape, dtype, device: torch.zeros((), dtype=dtype).expand(shape))
+    T, D, bits, group = 65536 * 32 + 64, 64, 2, 32
+    x = torch.zeros((), dtype=torch.float16).expand(1, 1, T, D)
+    for axis in ("key", "value"):
+        codes, scale, zero = tri.kivi_quantize(x, bits, group, axis)
+        tri.kivi_dequantize(codes, scale, zero, bits, group, axis)
+    assert len(log) == 4
+    for name, grid in log:
+        assert all(g <= 65535 for g in grid[1:]), f"{name}: grid {grid} exceeds 65535 on axis 1 or 2"

@@ -246,3 +246,16 @@ def test_validation_errors():
     with pytest.raises(TypeError):
         cache.append(k[:, :, :2].half(), v[:, :, :2].half())
     assert cache.seq_len == 0  # failed appends wrote nothing
+
+
+def test_device_without_index_accepts_its_own_tensors():
+    """Review fix: a cache built with device="cuda" (or "cpu:0") must accept tensors on that device.
+
+    torch.device("cuda") != torch.device("cuda:0") and tensors always report an index, so comparing
+    appends against the requested device rejected every tensor; the cache now keeps its buffers' device.
+    """
+    name = "cuda" if DEVICE.type == "cuda" else "cpu:0"
+    cache = KiviCache(1, 1, 64, 64, residual=32, dtype=torch.float32, device=name)
+    k, v = dense_sequence(1, 1, 3, 64, torch.float32)
+    cache.append(k, v)
+    assert cache.seq_len == 3 and cache.device == k.device

@@ -225,3 +225,24 @@ def test_wrong_python_types_are_rejected_by_the_schema():
     # message names the argument and the expected type.
     with pytest.raises(RuntimeError, match="Expected a value of type 'int' for argument 'k'"):
         kvkernels.topk_mask(rand(2, 5), 2.0)
+
+
+def _strided_q(B, Hq, Lq, D):
+    """A [B, Hq, Lq, D] query whose storage is Lq-major (as after a [B, Lq, Hq, D] -> transpose)."""
+    return rand(B, Lq, Hq, D).transpose(1, 2)
+
+
+@pytest.mark.parametrize("name", ["topk_mask", "ragged_attention", "kivi_attention"])
+def test_fake_output_strides_match_real_for_strided_inputs(name):
+    """Review fix: the fake kernels used empty_like(input), which copies a strided input's layout, while
+    every backend returns a contiguous output; opcheck's fake-tensor test rejects the mismatch (and
+    torch.compile would read the real output with the fake's strides)."""
+    if name == "topk_mask":
+        args = (rand(6, 5).t(), 2)  # [5, 6] with column-major storage
+    elif name == "ragged_attention":
+        pool = kvkernels.compact_kv(*small_pool())
+        args = (_strided_q(1, 6, 3, 64), pool.k_pool, pool.v_pool, pool.seg_start[0], pool.seg_len[0], None, True)
+    else:
+        args = (_strided_q(1, 3, 2, 64),) + kivi_inputs(Lq=2)[1:]
+    assert not args[0].is_contiguous()
+    torch.library.opcheck(getattr(torch.ops.kvkernels, name).default, args)

@@ -435,3 +435,52 @@ def test_deferred_append_replays_in_a_cuda_graph():
                                                for t in before))
     with pytest.raises(kvkernels.PoolOverflowError, match=r"1 deferred append\(s\).*layer 1, t = 1"):
         mod.check_overflow(device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_append_into_strided_pool_views(backend, device):
+    """Review fix: the pools are mutated in place, so the Triton kernel must honour their channel stride.
+
+    k_pool/v_pool are [P, D] views with channel stride 2 (every other column of a [P, 2D] buffer); the
+    kernel used to assume stride 1, writing the wrong columns (and past the row for the last rows).
+    """
+    L, B, H, N, D, slack = 2, 2, 3, 12, 64, 4
+    pool = poisoned_pool(L, B, H, N, D, slack, torch.float32, device)
+    wide_k = torch.full((pool.k_pool.shape[0], 2 * D), 7.0, device=device)
+    wide_v = torch.full_like(wide_k, 7.0)
+    wide_k[:, ::2], wide_v[:, ::2] = pool.k_pool, pool.v_pool
+    strided = kvkernels.Pool(wide_k[:, ::2], wide_v[:, ::2], pool.seg_start, pool.seg_len, pool.seg_cap)
+    k_new, v_new = new_rows(B, H, 3, D, torch.float32, device), new_rows(B, H, 3, D, torch.float32, device)
+    want = naive_append(*pool, 1, k_new, v_new)
+    run_append(backend, strided, 1, k_new, v_new)
+    assert_pool_equals(strided, want)
+    assert (wide_k[:, 1::2] == 7.0).all() and (wide_v[:, 1::2] == 7.0).all()  # the other columns untouched
+
+
+class _GridLog:
+    """Stands in for a jitted kernel: records the launch grid, runs nothing."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.log.append((self.name, tuple(grid)))
+
+
+def test_compact_grids_fit_cuda_axis_limits(monkeypatch):
+    """Review fix: CUDA grid axes 1 and 2 are limited to 65535 programs. The compact kernels put the
+    L*B*H segments (or B*H heads) on axis 1, so compacting e.g. 36 layers x batch 256 x 8 KV heads (73,728
+    segments) failed to launch on a GPU; they now use 1-D grids. (The interpreter has no such limit,
+    hence a launch-grid check.)"""
+    import kvkernels.triton.pool as mod
+
+    log = []
+    for name in ("_count_tiles_kernel", "_zero_slack_kernel", "_gather_kernel"):
+        monkeypatch.setattr(mod, name, _GridLog(name, log))
+    L, B, H, N, D = 1, 128, 513, 3, 64  # 65,664 segments
+    keys = [torch.zeros(B, H, N, D)]
+    keep = torch.ones(L, B, H, N, dtype=torch.bool)
+    mod.compact_kv(keys, keys, keep, L * B * H * N, 2)
+    assert {name for name, _ in log} == {"_count_tiles_kernel", "_zero_slack_kernel", "_gather_kernel"}
+    for name, grid in log:
+        assert all(g <= 65535 for g in grid[1:]), f"{name}: grid {grid} exceeds 65535 on axis 1 or 2"

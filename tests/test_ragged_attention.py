@@ -417,3 +417,38 @@ def test_no_sync_and_cuda_graph_replay_with_growing_lengths():
         o_ref, lse_ref = reference(q, k_pool, v_pool, seg_start, seg_len, D ** -0.5, True)
         torch.testing.assert_close(out[0], o_ref, **TOL[torch.float16])
         assert_lse_close(out[1], lse_ref, atol=2e-3)
+
+
+def test_overlapping_segments_never_write_past_the_workspace(monkeypatch):
+    """Review fix: with the disjointness precondition violated (both heads share all P rows of the pool),
+    the live items (2 * cdiv(P, CHUNK)) exceed the workspace bound (S + cdiv(P, CHUNK)). Items past the
+    bound must be dropped, not written past the end of the workspace (memory corruption on a GPU)."""
+    D, G = 64, 2
+    chunk = tri_mod._INTERPRETER_DEFAULT["CHUNK"] if not CUDA else tri_mod._GPU_DEFAULT["CHUNK"]
+    P = 2 * chunk + 2  # 3 chunks per segment: 6 live items, bound = 2 + 3 = 5
+    k_pool = torch.randn(P, D, device=DEVICE)
+    v_pool = torch.randn(P, D, device=DEVICE)
+    seg_start = torch.zeros(1, 2, dtype=torch.int64, device=DEVICE)
+    seg_len = torch.full((1, 2), P, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(1, 2 * G, 1, D, device=DEVICE)
+    bound = 2 + triton.cdiv(P, chunk)
+    sentinel, guard = 12345.0, 4
+    real_empty, tails = torch.empty, []
+
+    def guarded_empty(*shape, **kwargs):
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        if kwargs.get("dtype") == torch.float32 and shape and shape[0] == bound and len(shape) in (2, 3):
+            # The partials workspace: hand out the front of a larger buffer whose tail must stay intact.
+            big = real_empty((bound + guard,) + shape[1:], **kwargs).fill_(sentinel)
+            tails.append(big[bound:])
+            return big[:bound]
+        return real_empty(*shape, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", guarded_empty)
+    o, _ = tri_mod.ragged_attention(q, k_pool, v_pool, seg_start, seg_len, 0.125, True)
+    monkeypatch.undo()
+    assert len(tails) == 2  # ws_o and ws_lse were both intercepted
+    for tail in tails:
+        assert (tail == sentinel).all(), "a work item wrote past the end of the partials workspace"
+    o_ref, _ = reference(q, k_pool, v_pool, seg_start, seg_len, 0.125, True)
+    torch.testing.assert_close(o[:, :G], o_ref[:, :G], **TOL[torch.float32])  # head 0's items fit the bound

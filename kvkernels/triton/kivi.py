@@ -135,8 +135,12 @@ def _quant_key_kernel(
     GROUP: tl.constexpr, BITS: tl.constexpr, F: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_ERR: tl.constexpr,
 ):
     # One program = one group of GROUP tokens x BLOCK_D channels of one (b, h). Outputs are contiguous.
-    pid_bh = tl.program_id(0)
-    pid_g = tl.program_id(1)
+    # int64 (b, h) index: B*H*T*D may pass 2**31 elements (large batches), so every offset built from
+    # pid_bh, b or h must be 64-bit; int32 products would wrap and address the wrong memory.
+    # Token groups on grid axis 0 (up to 2**31 - 1 programs), (b, h) on axis 1: CUDA caps axes 1 and 2
+    # at 65535, which T // GROUP passes for prefills of more than ~2M tokens.
+    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_g = tl.program_id(0)
     pid_d = tl.program_id(2)
     b = pid_bh // H
     h = pid_bh % H
@@ -176,9 +180,9 @@ def _quant_value_kernel(
     WRITE_ERR: tl.constexpr,
 ):
     # One program = BLOCK_T tokens x all channels (padded to BLOCK_D; D is a multiple of GROUP, so padded
-    # channels form whole padded groups that are never stored).
-    pid_bh = tl.program_id(0)
-    pid_t = tl.program_id(1)
+    # channels form whole padded groups that are never stored). int64 pid_bh: see _quant_key_kernel.
+    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_t = tl.program_id(0)  # token blocks on axis 0: see _quant_key_kernel (here T > ~1M tokens)
     b = pid_bh // H
     h = pid_bh % H
     LEVELS: tl.constexpr = (1 << BITS) - 1
@@ -231,7 +235,7 @@ def _quantize_launch(x, bits, group_size, axis, write_err, config):
         return codes, scale, zero, (err if write_err else None)
     if axis == "key":
         block_d = min(config["BLOCK_D"], _next_pow2(D))
-        grid = (B * H, T // group_size, triton.cdiv(D, block_d))
+        grid = (T // group_size, B * H, triton.cdiv(D, block_d))
         _quant_key_kernel[grid](
             x, codes, scale, zero, err, H, T, D, *_strides(x),
             GROUP=group_size, BITS=bits, F=F, BLOCK_D=block_d, WRITE_ERR=write_err,
@@ -239,7 +243,7 @@ def _quantize_launch(x, bits, group_size, axis, write_err, config):
         )
     else:
         block_t = config["BLOCK_T"]
-        grid = (B * H, triton.cdiv(T, block_t))
+        grid = (triton.cdiv(T, block_t), B * H)
         _quant_value_kernel[grid](
             x, codes, scale, zero, err, H, T, D, *_strides(x),
             GROUP=group_size, BITS=bits, F=F, BLOCK_T=block_t, BLOCK_D=_next_pow2(D), WRITE_ERR=write_err,
@@ -293,8 +297,8 @@ def _dequant_key_kernel(
     scb, sch, sct, scd, ssb, ssh, sst, ssd,
     GROUP: tl.constexpr, BITS: tl.constexpr, F: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    pid_t = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: outputs may exceed 2**31 elements
+    pid_t = tl.program_id(0)  # token blocks on axis 0: see _quant_key_kernel
     pid_d = tl.program_id(2)
     b = pid_bh // H
     h = pid_bh % H
@@ -321,8 +325,8 @@ def _dequant_value_kernel(
     scb, sch, sct, scd, ssb, ssh, sst, ssd,
     GROUP: tl.constexpr, BITS: tl.constexpr, F: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    pid_t = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: outputs may exceed 2**31 elements
+    pid_t = tl.program_id(0)  # token blocks on axis 0: see _quant_key_kernel
     b = pid_bh // H
     h = pid_bh % H
     WC: tl.constexpr = BLOCK_D // F
@@ -365,11 +369,11 @@ def kivi_dequantize(codes, scale, zero, bits, group_size, axis, *, config=None):
     block_t = max(cfg["BLOCK_T"], 2 * F)  # key tiles hold whole int32 words of tokens (at least two)
     if axis == "key":
         block_d = min(cfg["BLOCK_D"], _next_pow2(D))
-        grid = (B * H, triton.cdiv(T, block_t), triton.cdiv(D, block_d))
+        grid = (triton.cdiv(T, block_t), B * H, triton.cdiv(D, block_d))
         kernel = _dequant_key_kernel
     else:
         block_d = _next_pow2(D)
-        grid = (B * H, triton.cdiv(T, block_t))
+        grid = (triton.cdiv(T, block_t), B * H)
         kernel = _dequant_value_kernel
     kernel[grid](
         codes, scale, zero, out, H, T, D, *_strides(codes), *_strides(scale),
@@ -401,7 +405,7 @@ def _kivi_attn_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_KLR: tl.constexpr, HAS_VLR: tl.constexpr, DIRECT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
+    pid_bh = tl.program_id(0).to(tl.int64)  # 64-bit offsets into caches of > 2**31 elements
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
     b = pid_bh // Hkv
@@ -519,7 +523,7 @@ def _kivi_merge_kernel(
     Hkv, G, Lq, M, D, NUM_SPLITS, M_PAD,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
+    pid_bh = tl.program_id(0).to(tl.int64)  # same 64-bit workspace offsets as _kivi_attn_kernel
     pid_m = tl.program_id(1)
     b = pid_bh // Hkv
     h = pid_bh % Hkv
@@ -581,7 +585,11 @@ def _attn_default(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail,
     m_blocks = triton.cdiv(max(1, (Hq // Hkv) * Lq), 64)
     want = triton.cdiv(2 * _num_sms(q.device), max(1, B * Hkv * m_blocks))
     most = max(1, tuning.length_bucket(T) // (4 * block_n))
-    return {"BLOCK_N": block_n, "NUM_SPLITS": max(1, min(want, most, 64)), "num_warps": 4, "num_stages": 2}
+    # fp32 inputs: 2 pipeline stages need more shared memory than an H100 block may have (227 KiB): for
+    # sm_90 with Triton 3.9, 245 KiB at D = 128 and 487 KiB at D = 256 (OutOfResources at launch), against
+    # 45 / 86 KiB with one stage. fp16/bf16 use 25-51 KiB with two.
+    stages = 1 if q.dtype == torch.float32 else 2
+    return {"BLOCK_N": block_n, "NUM_SPLITS": max(1, min(want, most, 64)), "num_warps": 4, "num_stages": stages}
 
 
 def _empty_lowrank(q):
@@ -638,7 +646,8 @@ def kivi_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail
         Hkv, G, Lq, M, D, T, Tk, Tv, rank, float(sm_scale) * _LOG2E, tokens_per_split, splits, m_pad,
         BITS=bits, F=F, GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_R=block_r,
         HAS_KLR=has_klr, HAS_VLR=has_vlr, DIRECT=direct, DOT_PREC=dot_prec,
-        num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2),
+        # A config without num_stages gets the default's stage count (1 for fp32: see _attn_default).
+        num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 1 if q.dtype == torch.float32 else 2),
     )
     if not direct:
         _kivi_merge_kernel[(B * Hkv, m_blocks)](

@@ -7,16 +7,17 @@ like the reference, these kernels zero them (one small extra launch writing L*B*
 then has deterministic outputs, which torch.compile's AOT checks (``torch.library.opcheck``) compare.
 
 compact_kv - three steps, the keep mask tiled in BLOCK_N tokens:
-    1. ``_count_tiles_kernel``, grid ``(T = cdiv(N, BLOCK_N), L*B*H)``: kept tokens per tile.
+    1. ``_count_tiles_kernel``, 1-D grid over (L*B*H segments) x (T = cdiv(N, BLOCK_N) tiles): kept
+       tokens per tile.
     2. torch on the device: ``cumsum`` over the tiles of each segment gives seg_len and each tile's
        offset inside its segment; an exclusive ``cumsum`` of ``seg_cap = seg_len + slack`` gives the
        int64 seg_start. (Tiny tensors: L*B*H*T entries.)
-    3. ``_gather_kernel``, one launch per layer, grid ``(T, B*H)``: reload the tile's keep bits, an
+    3. ``_gather_kernel``, one launch per layer, 1-D grid over (B*H) x T: reload the tile's keep bits, an
        in-tile exclusive ``tl.cumsum`` ranks the kept tokens, and each kept row of K and V is copied to
        ``tile base + rank``. Rows of evicted tokens are masked out of the loads, so the kept rows are
        read once and written once. The keep mask (1 byte per token against >= 256 bytes of K+V rows)
        is read twice, by steps 1 and 3 - a single-pass look-back scan was not worth its complexity.
-       ``_zero_slack_kernel``, one launch for all layers, grid ``(cdiv(slack, BLOCK_N), L*B*H)``,
+       ``_zero_slack_kernel``, one launch for all layers, 1-D grid over (L*B*H) x cdiv(slack, BLOCK_N),
        zeroes the slack rows.
     Layers arrive as a Python list of separate tensors; launching per layer reads them in place with
     their own strides (no ``torch.stack`` copy of the whole cache, non-contiguous views are fine).
@@ -130,8 +131,11 @@ def _load_keep_tile(keep_ptr, s, t, N, stride_ks, stride_kn, BLOCK_N: tl.constex
 
 @triton.jit
 def _count_tiles_kernel(keep_ptr, counts_ptr, N, T, stride_ks, stride_kn, BLOCK_N: tl.constexpr):
-    t = tl.program_id(0)
-    s = tl.program_id(1)
+    # A 1-D grid over (segment, tile): CUDA limits grid axes 1 and 2 to 65535 programs, which the
+    # L*B*H segments (e.g. 36 layers x batch 256 x 8 KV heads) or the tiles of a long row can pass.
+    pid = tl.program_id(0)
+    s = pid // T
+    t = pid % T
     _, kept = _load_keep_tile(keep_ptr, s, t, N, stride_ks, stride_kn, BLOCK_N)
     tl.store(counts_ptr + s.to(tl.int64) * T + t, tl.sum(kept, 0))
 
@@ -156,8 +160,9 @@ def _gather_kernel(
     seg0, H, N, T, D, DV,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    t = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid = tl.program_id(0)  # 1-D grid over (head, tile): see _count_tiles_kernel
+    bh = pid // T
+    t = pid % T
     s = seg0 + bh  # flat segment index (l, b, h) of this layer's head
     offs_n, kept = _load_keep_tile(keep_ptr, s, t, N, stride_ks, stride_kpn, BLOCK_N)
     # Destination = first free row for this tile (from the host-side scans) + rank among kept in tile.
@@ -172,11 +177,12 @@ def _gather_kernel(
 
 
 @triton.jit
-def _zero_slack_kernel(k_pool_ptr, v_pool_ptr, seg_start_ptr, seg_len_ptr, slack, stride_kp, stride_vp, D, DV,
-                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _zero_slack_kernel(k_pool_ptr, v_pool_ptr, seg_start_ptr, seg_len_ptr, slack, n_blocks, stride_kp, stride_vp,
+                       D, DV, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """Zero rows seg_len .. seg_len + slack - 1 of segment s (deterministic pools, like the reference)."""
-    j = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    s = tl.program_id(1)
+    pid = tl.program_id(0)  # 1-D grid over (segment, block of slack rows): see _count_tiles_kernel
+    s = pid // n_blocks
+    j = (pid % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     dest = tl.load(seg_start_ptr + s) + tl.load(seg_len_ptr + s).to(tl.int64) + j.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     tl.store(k_pool_ptr + dest[:, None] * stride_kp + offs_d[None, :], tl.zeros([BLOCK_N, BLOCK_D], tl.float32),
@@ -214,7 +220,7 @@ def _overflow_kernel(seg_len_ptr, seg_cap_ptr, status_ptr, S, H, stride_lb, stri
 
 
 @triton.jit
-def _append_rows(src_base, stride_st, stride_sd, dst_ptr, stride_dp, row0, t, n_write, D,
+def _append_rows(src_base, stride_st, stride_sd, dst_ptr, stride_dp, stride_dd, row0, t, n_write, D,
                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """Copy the first n_write (t, or 0 on overflow) new rows of one head to pool rows row0, row0 + 1, ..."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -225,13 +231,13 @@ def _append_rows(src_base, stride_st, stride_sd, dst_ptr, stride_dp, row0, t, n_
         rows = tl.load(src_base + offs_t[:, None].to(tl.int64) * stride_st + offs_d[None, :] * stride_sd,
                        mask=mask, other=0.0)
         dest = row0 + offs_t.to(tl.int64)
-        tl.store(dst_ptr + dest[:, None] * stride_dp + offs_d[None, :], rows, mask=mask)
+        tl.store(dst_ptr + dest[:, None] * stride_dp + offs_d[None, :] * stride_dd, rows, mask=mask)
 
 
 @triton.jit
 def _append_kernel(
     k_pool_ptr, v_pool_ptr, seg_start_ptr, seg_len_ptr, k_new_ptr, v_new_ptr, status_ptr,
-    stride_kp, stride_vp, stride_ab, stride_ah, stride_lb, stride_lh,
+    stride_kp, stride_kpd, stride_vp, stride_vpd, stride_ab, stride_ah, stride_lb, stride_lh,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
     H, t, D,
@@ -246,9 +252,9 @@ def _append_kernel(
     n_live = tl.load(len_ptr)
     row0 = tl.load(seg_start_ptr + b * stride_ab + h * stride_ah) + n_live.to(tl.int64)
     _append_rows(k_new_ptr + b * stride_kb + h * stride_kh, stride_kt, stride_kd, k_pool_ptr, stride_kp,
-                 row0, t, n_write, D, BLOCK_T, BLOCK_D)
+                 stride_kpd, row0, t, n_write, D, BLOCK_T, BLOCK_D)
     _append_rows(v_new_ptr + b * stride_vb + h * stride_vh, stride_vt, stride_vd, v_pool_ptr, stride_vp,
-                 row0, t, n_write, D, BLOCK_T, BLOCK_D)
+                 stride_vpd, row0, t, n_write, D, BLOCK_T, BLOCK_D)
     # This program alone reads and writes this segment's seg_len, so the update cannot race.
     tl.store(len_ptr, n_live + t, mask=ok)
 
@@ -346,7 +352,7 @@ def compact_kv(keys, values, keep, num_kept, slack, *, config=None):
     keep_u8 = keep.view(torch.uint8).reshape(S, N)
     tile_counts = torch.zeros(S, T, dtype=torch.int32, device=device)
     if S and T:
-        _count_tiles_kernel[(T, S)](keep_u8, tile_counts, N, T, *keep_u8.stride(), BLOCK_N=block_n,
+        _count_tiles_kernel[(S * T,)](keep_u8, tile_counts, N, T, *keep_u8.stride(), BLOCK_N=block_n,
                                     num_warps=num_warps)
     if T == 0:  # N == 0: every segment is empty; keep the cumsum shapes valid
         tile_counts = torch.zeros(S, 1, dtype=torch.int32, device=device)
@@ -357,14 +363,15 @@ def compact_kv(keys, values, keep, num_kept, slack, *, config=None):
     v_pool = _empty(P, DV, dtype=values[0].dtype, device=device)
     block_d, block_dv = triton.next_power_of_2(D), triton.next_power_of_2(DV)
     if slack and S:
-        _zero_slack_kernel[(triton.cdiv(slack, block_n), S)](
-            k_pool, v_pool, seg_start, seg_len, slack, k_pool.stride(0), v_pool.stride(0), D, DV,
+        n_blocks = triton.cdiv(slack, block_n)
+        _zero_slack_kernel[(S * n_blocks,)](
+            k_pool, v_pool, seg_start, seg_len, slack, n_blocks, k_pool.stride(0), v_pool.stride(0), D, DV,
             BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=num_warps)
     if num_kept == 0 or T == 0:
         return k_pool, v_pool, seg_start, seg_len, seg_cap
     for layer, (k, v) in enumerate(zip(keys, values)):
         # Each layer is read in place with its own strides: no torch.stack of the whole cache.
-        _gather_kernel[(T, B * H)](
+        _gather_kernel[(B * H * T,)](
             k, v, keep_u8, tile_base, k_pool, v_pool,
             *k.stride(), *v.stride(), *keep_u8.stride(), k_pool.stride(0), v_pool.stride(0),
             layer * B * H, H, N, T, D, DV,
@@ -385,7 +392,9 @@ def ragged_append(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_n
                            ACCUMULATE=deferred, BLOCK_S=cfg.get("BLOCK_S", 256))
     _append_kernel[(B * H,)](
         k_pool, v_pool, starts, lens, k_new, v_new, status,
-        k_pool.stride(0), v_pool.stride(0), *starts.stride(), *lens.stride(),
+        # Both pool strides: the pools are mutated in place, so they cannot be made contiguous here, and
+        # the op accepts any [P, D] view (e.g. a pool whose rows are slices of a wider buffer).
+        *k_pool.stride(), *v_pool.stride(), *starts.stride(), *lens.stride(),
         *k_new.stride(), *v_new.stride(),
         H, t, D,
         BLOCK_T=cfg["BLOCK_T"], BLOCK_D=triton.next_power_of_2(D), num_warps=cfg.get("num_warps", 4),

@@ -69,7 +69,8 @@ to a static bound (tiles per chunk, or the chunks a segment can have) and mask i
 
 Precondition (not checked: checking would read data on the host): the segments of one call are
 disjoint and inside the pool (as ``compact_kv``/``ragged_append`` build them), so sum(seg_len) <= P.
-Pool rows outside [0, P) are never read; items past the bound are not computed.
+Pool rows outside [0, P) are never read; items past the bound are not computed (a violated precondition
+gives wrong outputs for the segments concerned, never a write past the workspace).
 
 Tuning (``TUNABLE``): ``CHUNK`` (rows per work item; multiple of BLOCK_N), ``BLOCK_N`` (K/V rows per
 tile), ``BLOCK_M`` (max query rows per tile, >= 16), ``programs_per_sm`` (persistent grid size),
@@ -203,7 +204,7 @@ def _attend_chunk(
 @triton.jit
 def _ragged_chunks_kernel(
     q_ptr, k_ptr, v_ptr, seg_start_ptr, seg_len_ptr, ws_o_ptr, ws_lse_ptr, item_off_ptr,
-    S, Hkv, G, Lq, D, P, qk_scale, num_programs, iters,
+    S, Hkv, G, Lq, D, P, qk_scale, num_programs, iters, bound,
     sq_b, sq_h, sq_l, sq_d, sk_p, sk_d, sv_p, sv_d,
     CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr, NUM_S_BLOCKS: tl.constexpr, IS_FP32: tl.constexpr, DYNAMIC: tl.constexpr,
@@ -221,13 +222,18 @@ def _ragged_chunks_kernel(
         item = pid + it * num_programs
         if item < total:
             seg, chunk, _ = _locate(item, seg_len_ptr, S, CHUNK, BLOCK_S, NUM_S_BLOCKS)
-            _attend_chunk(
-                q_ptr, k_ptr, v_ptr, seg_start_ptr, seg_len_ptr, ws_o_ptr, ws_lse_ptr,
-                item, seg, chunk, mblk, Hkv, G, Lq, D, P, qk_scale,
-                sq_b, sq_h, sq_l, sq_d, sk_p, sk_d, sv_p, sv_d,
-                CHUNK, BLOCK_N, BLOCK_M, BLOCK_D, IS_FP32, DYNAMIC,
-            )
-            # Chunk 0's item number is where the segment's partials start in the workspace.
+            # The workspace has `bound` slots. Live items stay below it when the precondition holds; if
+            # it does not (overlapping segments, e.g. one segment shared by several batch rows), the
+            # items past it are dropped here rather than written past the end of the workspace.
+            if item < bound:
+                _attend_chunk(
+                    q_ptr, k_ptr, v_ptr, seg_start_ptr, seg_len_ptr, ws_o_ptr, ws_lse_ptr,
+                    item, seg, chunk, mblk, Hkv, G, Lq, D, P, qk_scale,
+                    sq_b, sq_h, sq_l, sq_d, sk_p, sk_d, sv_p, sv_d,
+                    CHUNK, BLOCK_N, BLOCK_M, BLOCK_D, IS_FP32, DYNAMIC,
+                )
+            # Chunk 0's item number is where the segment's partials start in the workspace (written even
+            # past the bound, so that the merge never forms addresses from an unwritten offset).
             tl.store(item_off_ptr + seg, item, mask=(chunk == 0) & (mblk == 0))
 
 
@@ -263,7 +269,8 @@ def _merge_kernel(
         item = off + j
         # Fold the scalar "chunk j exists" test into the row bound: the interpreter mishandles
         # `vector_mask & scalar_mask` (it yields an int mask).
-        live_rows = tl.where((n > j) & (item < bound), G * Lq, 0)
+        # item >= 0: under the interpreter's static loops a segment past the bound may have no offset.
+        live_rows = tl.where((n > j) & (item < bound) & (item >= 0), G * Lq, 0)
         r_live = r < live_rows
         rows = item.to(tl.int64) * (G * Lq) + r
         lse2 = tl.load(ws_lse_ptr + rows, mask=r_live, other=float("-inf"))
@@ -416,7 +423,7 @@ def ragged_attention(
     m_blocks = triton.cdiv(rows, block_m)
     _ragged_chunks_kernel[(nprog, m_blocks)](
         q, k_pool, v_pool, seg_start, seg_len, ws_o, ws_lse, item_off,
-        S, Hkv, G, Lq, D, P, float(sm_scale) * _LOG2E, nprog, triton.cdiv(bound, nprog),
+        S, Hkv, G, Lq, D, P, float(sm_scale) * _LOG2E, nprog, triton.cdiv(bound, nprog), bound,
         *q.stride(), *k_pool.stride(), *v_pool.stride(),
         CHUNK=chunk, BLOCK_N=cfg["BLOCK_N"], BLOCK_M=block_m, BLOCK_D=block_d,
         BLOCK_S=block_s, NUM_S_BLOCKS=triton.cdiv(S, block_s), IS_FP32=q.dtype == torch.float32,
