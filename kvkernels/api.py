@@ -84,7 +84,10 @@ def ragged_attention(q, k_pool, v_pool, seg_start, seg_len, sm_scale: Optional[f
     seg_start int64 [B, Hkv] and seg_len int32 [B, Hkv] are one layer's rows (``pool.seg_start[l]``).
     The last Lq rows of a segment are the queries' own keys (append them first); query i sees rows
     0 .. seg_len - Lq + i (bottom-right causal). Returns o [B, Hq, Lq, D], or (o, lse fp32 [B, Hq, Lq])
-    with ``return_lse=True``; a query that sees no row gets o = 0 and lse = -inf.
+    with ``return_lse=True``; a query that sees no row gets o = 0 and lse = -inf. The segments of one
+    call must be disjoint slices of the pool, as ``compact_kv`` and ``ragged_append`` build them (the
+    Triton kernel sizes its work from the pool's row count; it never writes out of bounds, but
+    overlapping segments give wrong output).
     """
     o, lse = _k.ragged_attention(q, k_pool, v_pool, seg_start, seg_len, sm_scale, return_lse)
     return (o, lse) if return_lse else o

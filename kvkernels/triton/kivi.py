@@ -147,7 +147,7 @@ def _quant_key_kernel(
     LEVELS: tl.constexpr = (1 << BITS) - 1
     WPG: tl.constexpr = GROUP // F  # int32 words per group along tokens
 
-    toks = pid_g * GROUP + tl.arange(0, GROUP)
+    toks = pid_g.to(tl.int64) * GROUP + tl.arange(0, GROUP)  # int64: T * token stride can pass 2^31
     dims = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = dims < D
     mask = (toks < T)[:, None] & d_ok[None, :]
@@ -188,7 +188,7 @@ def _quant_value_kernel(
     LEVELS: tl.constexpr = (1 << BITS) - 1
     NGP: tl.constexpr = BLOCK_D // GROUP
 
-    toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    toks = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # int64: T * token stride can pass 2^31
     t_ok = toks < T
     dims = tl.arange(0, BLOCK_D)
     mask = t_ok[:, None] & (dims < D)[None, :]
@@ -303,13 +303,13 @@ def _dequant_key_kernel(
     b = pid_bh // H
     h = pid_bh % H
     WR: tl.constexpr = BLOCK_T // F
-    wrows = pid_t * WR + tl.arange(0, WR)
+    wrows = pid_t.to(tl.int64) * WR + tl.arange(0, WR)
     dims = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = dims < D
     words = tl.load(c_ptr + b * scb + h * sch + wrows[:, None] * sct + dims[None, :] * scd,
                     mask=(wrows < T // F)[:, None] & d_ok[None, :], other=0)
     codes = _unpack_rows(words, WR, BLOCK_D, BITS, F)
-    toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    toks = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # int64: T * token stride can pass 2^31
     mask = (toks < T)[:, None] & d_ok[None, :]
     g_ptr = b * ssb + h * ssh + (toks // GROUP)[:, None] * sst + dims[None, :] * ssd
     scale = tl.load(s_ptr + g_ptr, mask=mask, other=0.0)
@@ -330,7 +330,7 @@ def _dequant_value_kernel(
     b = pid_bh // H
     h = pid_bh % H
     WC: tl.constexpr = BLOCK_D // F
-    toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    toks = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # int64: T * token stride can pass 2^31
     t_ok = toks < T
     widx = tl.arange(0, WC)
     words = tl.load(c_ptr + b * scb + h * sch + toks[:, None] * sct + widx[None, :] * scd,
@@ -443,12 +443,12 @@ def _kivi_attn_kernel(
     start = pid_s * tokens_per_split
     end = tl.minimum(start + tokens_per_split, T)
     for n0 in range(start, end, BLOCK_N):
-        toks = n0 + tl.arange(0, BLOCK_N)
+        toks = n0 + tl.arange(0, BLOCK_N).to(tl.int64)  # int64: T * token stride can pass 2^31
         in_seq = toks < T
 
         # ---- keys: codes for tokens < Tk, the full-precision tail after
         k_quant = toks < Tk
-        wrows = n0 // F + tl.arange(0, WN)
+        wrows = n0 // F + tl.arange(0, WN).to(tl.int64)
         kwords = tl.load(kc_ptr + b * skcb + h * skch + wrows[:, None] * skct + dims[None, :] * skcd,
                          mask=(wrows < Tk // F)[:, None] & d_ok[None, :], other=0)
         kcodes = _unpack_rows(kwords, WN, BLOCK_D, BITS, F)

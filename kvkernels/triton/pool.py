@@ -43,6 +43,8 @@ Overflow checking and host syncs:
       clears the record; leaving the ``with`` block calls it too (unless ``check_on_exit=False``).
       The status buffer is allocated on the first call per device: do one warm-up call (or
       ``check_overflow(device)``) before CUDA-graph capture, as usual for graph capture.
+      The status buffer is shared by every stream of its device: issue appends from one stream at a
+      time (appends on two concurrent streams would race on the flag).
 """
 
 from __future__ import annotations

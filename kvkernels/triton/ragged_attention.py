@@ -346,7 +346,8 @@ def deterministic_mode() -> bool:
 
 def _pick_config(args, config) -> dict:
     if config is None:
-        tuned = None if deterministic_mode() else tuning.lookup(__name__, "ragged_attention", _shape_key(*args))
+        tuned = None if deterministic_mode() else tuning.lookup(__name__, "ragged_attention", _shape_key(*args),
+                                                               args[0].device)
         config = tuned or default_config(*args)
     cfg = {**default_config(*args), **config}
     if cfg["CHUNK"] % cfg["BLOCK_N"] or cfg["BLOCK_N"] < 16 or cfg["BLOCK_M"] < 16:
