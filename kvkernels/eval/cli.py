@@ -1,0 +1,78 @@
+"""``kvkernels eval``: the multi-query quality benchmark on SmolLM2-135M-Instruct (registered in kvkernels.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from kvkernels.cli import register_subcommand
+
+DEFAULT_TASKS = ["needle", "kv_retrieval", "var_tracking", "fact_directory"]
+DEFAULT_METHODS = ["full", "kvzip", "kvzip-uniform", "kvzip-head", "snapkv", "h2o", "kivi2", "kivi4", "kvzip+kivi2"]
+DEFAULT_RATIOS = [0.1, 0.3, 0.6]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .harness import ALL_METHODS
+    from .tasks import TASKS
+    parser.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, choices=sorted(TASKS))
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(ALL_METHODS))
+    parser.add_argument("--ratios", nargs="+", type=float, default=DEFAULT_RATIOS,
+                        help="keep ratios (fraction of context KV pairs KEPT); 1.0 is the full cache")
+    parser.add_argument("--contexts", type=int, default=1, help="contexts per task")
+    parser.add_argument("--context-tokens", type=int, default=512, help="approximate context length in tokens")
+    parser.add_argument("--questions", type=int, default=3, help="questions per context")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/quality"))
+    parser.add_argument("--name", default="results", help="file stem of the CSV/JSON/PNG outputs")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from kvkernels.hf import load_smollm2
+
+    from . import report
+    from .harness import count_questions, evaluate, summarize
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "kvkernels " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("kvkernels") \
+        else " ".join(shlex.quote(a) for a in sys.argv)
+    t0 = time.perf_counter()
+    model, tokenizer = load_smollm2(device=args.device)
+    total = count_questions(args.tasks, args.methods, args.ratios, args.contexts, args.questions)
+    with tqdm(total=total, desc="eval", unit="q") as bar:
+        rows = evaluate(model, tokenizer, args.tasks, args.methods, args.ratios, args.contexts, args.context_tokens,
+                        args.questions, args.seed, progress=bar.update, log=bar.write)
+    summary = summarize(rows)
+    elapsed = time.perf_counter() - t0
+    args.out.mkdir(parents=True, exist_ok=True)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "command"}
+    stem = args.out / args.name
+    report.write_csv(stem.with_suffix(".csv"), summary)
+    report.write_json(stem.with_suffix(".json"), command, settings, summary, rows, elapsed)
+    report.plot(stem.with_suffix(".png"), summary, title=command)
+    print(format_table([s for s in summary if s["task"] == "all"]))
+    print(f"wrote {stem}.csv/.json/.png in {elapsed:.0f}s")
+    return 0
+
+
+def format_table(summary) -> str:
+    lines = ["| method | keep | KV fraction | accuracy | first question | later questions | n |",
+             "|---|---|---|---|---|---|---|"]
+    for s in summary:
+        keep = f"{s['keep']:.1f}" + (" (=full)" if s["from_full"] else "")
+        lines.append(f"| {s['method']} | {keep} | {s['kv_fraction']:.3f} | {s['accuracy']:.2f} | "
+                     f"{s['accuracy_first_q']:.2f} | {s['accuracy_later_q']:.2f} | {s['questions']} |")
+    return "\n".join(lines)
+
+
+register_subcommand("eval", "multi-query quality benchmark: KVzip vs query-aware baselines on SmolLM2",
+                    add_arguments, main)

@@ -1,0 +1,317 @@
+"""The multi-query quality harness: compress each context once per method, ask all its questions, score.
+
+Per context the expensive parts run once and are shared by every method and keep ratio: the prefill
+(with H2O's attention accumulation captured on the way), KVzip's scoring pass, SnapKV's window pass
+(the first question). Each (method, keep) then only selects and evicts (``topk_mask`` + ``compact_kv``
+through ``DenseContext.compress(scores=...)``), answers every question greedily over the compressed
+cache, and rolls the cache back after each answer.
+
+Methods (``keep`` = fraction of context KV pairs KEPT; the chat-template sink is always kept on top):
+
+* ``full``: the dense cache (keep 1.0).
+* ``kvzip``: KVzip scores, one global threshold over all layers and heads (the paper's default).
+* ``kvzip-uniform``: KVzip scores, the same count in every (layer, KV head).
+* ``kvzip-head``: head-level KVzip: static per-(layer, head) scores from one calibration context
+  (another generated context, never one that is evaluated), broadcast over tokens, global threshold.
+* ``snapkv``: SnapKV votes of the FIRST question's tokens, pooled (kernel 7), per-head budget.
+* ``h2o``: attention accumulated over the whole prefill, per-head budget.
+* ``kivi2`` / ``kivi4``: KIVI 2/4-bit (group 32, residual 128) applied to the dense cache as
+  quantize-dequantize (numerically the attention KIVI computes); no eviction, the x axis is bytes.
+* ``kvzip+kivi2``: KVzip (global) at each keep ratio, then KIVI-2 on every kept (layer, head) segment.
+
+A keep ratio of 1.0 evicts nothing, so eviction methods are not re-run at 1.0: their 1.0 point is the
+full cache's accuracy (marked ``from_full`` in the results; not for ``kvzip+kivi2``, whose 1.0 is KIVI-2).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from transformers import DynamicCache
+
+import kvkernels
+from kvkernels.hf import DenseContext, greedy_answer, prefill
+from kvkernels.hf.attention import RAGGED_ATTENTION, attention_implementation
+
+from .capture import H2OCapture, SnapKVCapture, capturing
+from .scoring import contains_answer
+from .tasks import Question, Sample, make_samples
+
+EVICTION_METHODS = ("kvzip", "kvzip-uniform", "kvzip-head", "snapkv", "h2o", "kvzip+kivi2")
+QUANT_METHODS = ("kivi2", "kivi4")
+ALL_METHODS = ("full",) + EVICTION_METHODS + QUANT_METHODS
+KIVI_GROUP, KIVI_RESIDUAL = 32, 128
+COMBINED_KIVI_BITS = 2
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One evaluated configuration: a method at a keep ratio (1.0 for ``full`` and plain KIVI)."""
+
+    method: str
+    keep: float
+
+    @property
+    def budget(self) -> str:
+        return "per_head" if self.method in ("kvzip-uniform", "snapkv", "h2o") else "global"
+
+
+def settings_for(methods: Sequence[str], ratios: Sequence[float]) -> List[Setting]:
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {list(ALL_METHODS)}")
+    out = []
+    for m in methods:
+        if m in ("full",) + QUANT_METHODS:
+            out.append(Setting(m, 1.0))
+        else:
+            out.extend(Setting(m, float(r)) for r in ratios if float(r) < 1.0)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Answering. The pipeline's ``ask`` takes a question only; our tasks start the assistant's reply with
+# an answer prefix, so the same greedy decoding runs on [question tokens ; prefix tokens] here.
+
+def question_prompt_ids(ctx, question: Question) -> torch.Tensor:
+    ids = ctx.prompt.question_ids(question.prompt)
+    if question.answer_prefix:
+        ids = torch.cat([ids, ctx.prompt.encode(question.answer_prefix)])
+    return ids
+
+
+def answer(ctx, question: Question):
+    """Greedy answer of ``ctx`` (DenseContext or CompressedContext); the cache is restored afterwards."""
+    ids = question_prompt_ids(ctx, question)
+    if isinstance(ctx, DenseContext):
+        try:
+            return greedy_answer(ctx.model, ctx.tokenizer, ctx.cache, ids, ctx.num_tokens, question.max_new_tokens)
+        finally:
+            extra = ctx.cache.get_seq_length() - ctx.num_tokens
+            if extra > 0:
+                ctx.cache.crop(-extra)
+    ctx.cache.reserve(ids.numel() + question.max_new_tokens)
+    try:
+        with attention_implementation(ctx.model, RAGGED_ATTENTION):
+            return greedy_answer(ctx.model, ctx.tokenizer, ctx.cache, ids, ctx.num_tokens, question.max_new_tokens)
+    finally:
+        ctx.cache.rollback()
+
+
+# ----------------------------------------------------------------------------------------------
+# KIVI as quantize-dequantize.
+
+def kivi_fake_quant(k: torch.Tensor, v: torch.Tensor, bits: int, group: int = KIVI_GROUP,
+                    residual: int = KIVI_RESIDUAL):
+    """(k_hat, v_hat) for one layer's k, v [B, H, T, D] under KIVI's prefill rule.
+
+    Keys: the first T - T % residual tokens are quantized per channel (groups of ``group`` tokens
+    aligned to token 0), the rest stay exact; values: all but the last ``residual`` tokens are quantized
+    per token (groups of ``group`` channels). Question and answer tokens appended later stay exact (they
+    fit in the full-precision tail for the answer lengths used here).
+    """
+    T = k.shape[2]
+    tk = T - T % residual
+    tv = max(0, T - residual)
+    k_hat, v_hat = k.clone(), v.clone()
+    if tk:
+        codes, scale, zero = kvkernels.kivi_quantize(k[:, :, :tk].contiguous(), bits, group, "key")
+        k_hat[:, :, :tk] = kvkernels.kivi_dequantize(codes, scale, zero, bits, group, "key").to(k.dtype)
+    if tv:
+        codes, scale, zero = kvkernels.kivi_quantize(v[:, :, :tv].contiguous(), bits, group, "value")
+        v_hat[:, :, :tv] = kvkernels.kivi_dequantize(codes, scale, zero, bits, group, "value").to(v.dtype)
+    return k_hat, v_hat
+
+
+def kivi_bytes(T: int, D: int, bits: int, group: int = KIVI_GROUP, residual: int = KIVI_RESIDUAL) -> int:
+    """Bytes of one (layer, head) KIVI cache of T tokens: packed codes, fp16 scale/zero, fp16 tails."""
+    tk, tv = T - T % residual, max(0, T - residual)
+    keys = tk * D * bits // 8 + 2 * 2 * (tk // group) * D + (T - tk) * D * 2
+    values = tv * D * bits // 8 + 2 * 2 * tv * (D // group) + (T - tv) * D * 2
+    return keys + values
+
+
+def kivi_dense_context(dense: DenseContext, bits: int) -> DenseContext:
+    """A DenseContext over a new cache holding KIVI's quantize-dequantize image of ``dense``'s cache."""
+    cache = DynamicCache(config=dense.model.config)
+    keys, values = dense.layer_kv()
+    for layer, (k, v) in enumerate(zip(keys, values)):
+        cache.update(*kivi_fake_quant(k, v, bits), layer)
+    return DenseContext(dense.model, dense.tokenizer, dense.prompt, dense.input_ids, dense.sink_len, cache)
+
+
+def kivi_on_pool(ctx, bits: int) -> int:
+    """Quantize-dequantize every kept (layer, b, head) segment of a CompressedContext in place; returns its bytes."""
+    pool = ctx.pool
+    L, B, H = pool.seg_start.shape
+    D = pool.k_pool.shape[1]
+    starts, lens = pool.seg_start.tolist(), pool.seg_len.tolist()
+    total = 0
+    for l in range(L):
+        for b in range(B):
+            for h in range(H):
+                s, n = starts[l][b][h], lens[l][b][h]
+                k = pool.k_pool[s:s + n][None, None]
+                v = pool.v_pool[s:s + n][None, None]
+                k_hat, v_hat = kivi_fake_quant(k, v, bits)
+                pool.k_pool[s:s + n] = k_hat[0, 0]
+                pool.v_pool[s:s + n] = v_hat[0, 0]
+                total += kivi_bytes(n, D, bits)
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+
+def model_shape(model):
+    c = model.config
+    return c.num_hidden_layers, c.num_key_value_heads, c.hidden_size // c.num_attention_heads
+
+
+def prefill_with_h2o(model, tokenizer, context: str, want_h2o: bool):
+    """Prefill; with ``want_h2o`` the H2O accumulation is captured during the same forward."""
+    if not want_h2o:
+        return prefill(model, tokenizer, context), None
+    L, Hkv, _ = model_shape(model)
+    # The token count is known only after tokenising: size the capture from the prompt format.
+    from kvkernels.hf import PromptFormat
+    prompt = PromptFormat(tokenizer)
+    n = prompt.sink_ids().numel() + prompt.encode(context).numel()
+    capture = H2OCapture(L, 1, Hkv, n, model.device)
+    with capturing(model, capture), torch.no_grad():
+        dense = prefill(model, tokenizer, context)
+    if dense.num_tokens != n:
+        raise RuntimeError(f"H2O capture sized for {n} tokens, prefill produced {dense.num_tokens}")
+    return dense, capture.scores
+
+
+@torch.no_grad()
+def snapkv_window_scores(dense: DenseContext, question: Question, kernel_size: int = 7) -> torch.Tensor:
+    """SnapKV scores [L, 1, Hkv, N]: the first question's tokens (with its answer prefix) as the window."""
+    L, Hkv, _ = model_shape(dense.model)
+    ids = question_prompt_ids(dense, question)[None].to(dense.input_ids.device)
+    capture = SnapKVCapture(L, 1, Hkv, dense.num_tokens, dense.input_ids.device, kernel_size)
+    positions = torch.arange(dense.num_tokens, dense.num_tokens + ids.shape[1], device=ids.device)[None]
+    try:
+        with capturing(dense.model, capture):
+            dense.model.get_decoder()(input_ids=ids, past_key_values=dense.cache, position_ids=positions, use_cache=True)
+    finally:
+        dense.cache.crop(-ids.shape[1])
+    return capture.scores
+
+
+def calibration_head_scores(model, tokenizer, target_tokens: int, seed: int) -> torch.Tensor:
+    """Head-level KVzip scores [L, Hkv] from one generated context that is never evaluated."""
+    sample = make_samples("fact_directory", 1, target_tokens, 1, seed=seed + 10_000,
+                          count_tokens=lambda s: len(tokenizer(s, add_special_tokens=False).input_ids))[0]
+    dense = prefill(model, tokenizer, sample.context)
+    scores = dense.kvzip_scores()[..., dense.sink_len:]
+    return scores.amax(dim=(1, 3)).cpu()
+
+
+def evaluate(model, tokenizer, tasks: Sequence[str], methods: Sequence[str], ratios: Sequence[float],
+             n_contexts: int, context_tokens: int, n_questions: int, seed: int = 0,
+             progress: Optional[Callable] = None, log: Callable[[str], None] = lambda s: None) -> List[Dict]:
+    """Run every setting on every sample; returns one row per (sample, setting, question).
+
+    ``progress`` is called with the number of answered questions after each answer (a tqdm update).
+    """
+    settings = settings_for(methods, ratios)
+    L, Hkv, D = model_shape(model)
+    count = lambda s: len(tokenizer(s, add_special_tokens=False).input_ids)  # noqa: E731
+    names = {s.method for s in settings}
+    head_scores = None
+    if "kvzip-head" in names:
+        log("head-level KVzip: scoring the calibration context")
+        head_scores = calibration_head_scores(model, tokenizer, context_tokens, seed)
+    rows: List[Dict] = []
+    for task in tasks:
+        for sample in make_samples(task, n_contexts, context_tokens, n_questions, seed, count):
+            rows.extend(_evaluate_sample(model, tokenizer, sample, settings, head_scores, progress, log))
+    return rows
+
+
+def _evaluate_sample(model, tokenizer, sample: Sample, settings: List[Setting], head_scores, progress, log):
+    L, Hkv, D = model_shape(model)
+    names = {s.method for s in settings}
+    t0 = time.perf_counter()
+    dense, h2o = prefill_with_h2o(model, tokenizer, sample.context, "h2o" in names)
+    n_ctx = dense.num_tokens - dense.sink_len
+    kvzip = dense.kvzip_scores() if names & {"kvzip", "kvzip-uniform", "kvzip+kivi2"} else None
+    snap = snapkv_window_scores(dense, sample.questions[0]) if "snapkv" in names else None
+    log(f"{sample.task}#{sample.index}: {dense.num_tokens} tokens (sink {dense.sink_len}) prefilled and scored "
+        f"in {time.perf_counter() - t0:.1f}s")
+    dense_rows = L * Hkv * dense.num_tokens
+    scores_of = {"kvzip": kvzip, "kvzip-uniform": kvzip, "kvzip+kivi2": kvzip, "snapkv": snap, "h2o": h2o}
+    rows = []
+    for setting in settings:
+        t1 = time.perf_counter()
+        if setting.method == "full":
+            ctx, kv_fraction = dense, 1.0
+        elif setting.method in QUANT_METHODS:
+            bits = int(setting.method[-1])
+            ctx = kivi_dense_context(dense, bits)
+            kv_fraction = L * Hkv * kivi_bytes(dense.num_tokens, D, bits) / (dense_rows * D * 2 * 2)
+        else:
+            if setting.method == "kvzip-head":
+                ctx = dense.compress(setting.keep, budget="global", head_scores=head_scores)
+            else:
+                ctx = dense.compress(setting.keep, budget=setting.budget, scores=scores_of[setting.method])
+            kv_fraction = ctx.kept_rows() / dense_rows
+            if setting.method == "kvzip+kivi2":
+                kv_fraction = kivi_on_pool(ctx, COMBINED_KIVI_BITS) / (dense_rows * D * 2 * 2)
+        setup_s = time.perf_counter() - t1
+        for qi, question in enumerate(sample.questions):
+            a = answer(ctx, question)
+            rows.append({
+                "task": sample.task, "context": sample.index, "context_tokens": n_ctx, "sink_tokens": dense.sink_len,
+                "method": setting.method, "keep": setting.keep, "budget": setting.budget,
+                "kv_fraction": round(kv_fraction, 6), "question": qi, "kind": question.kind,
+                "first_question": qi == 0, "expected": question.answers[0], "answer": a.text,
+                "correct": contains_answer(a.text, question.answers), "answer_tokens": len(a.token_ids),
+                "setup_seconds": round(setup_s, 3), "answer_seconds": round(a.prompt_seconds + a.decode_seconds, 3),
+            })
+            if progress is not None:
+                progress(1)
+    return rows
+
+
+def count_questions(tasks, methods, ratios, n_contexts, n_questions) -> int:
+    return len(tasks) * n_contexts * n_questions * len(settings_for(methods, ratios))
+
+
+def summarize(rows: List[Dict], full_rows_for_keep1: bool = True) -> List[Dict]:
+    """Accuracy per (method, keep, task) and over all tasks ('all'); eviction methods get a keep-1.0 point
+    copied from the full cache (marked ``from_full``), since keeping everything is the full cache."""
+    groups: Dict[tuple, List[Dict]] = {}
+    for r in rows:
+        for task in (r["task"], "all"):
+            groups.setdefault((r["method"], r["keep"], task), []).append(r)
+    out = []
+    for (method, keep, task), rs in groups.items():
+        out.append(_summary_row(method, keep, task, rs, from_full=False))
+    if full_rows_for_keep1:
+        # kvzip+kivi2 at keep 1.0 would be plain KIVI-2, not the full cache: no copied point for it.
+        methods = {r["method"] for r in rows if r["method"] in EVICTION_METHODS and r["method"] != "kvzip+kivi2"}
+        for (method, keep, task), rs in list(groups.items()):
+            if method == "full":
+                out.extend(_summary_row(m, 1.0, task, rs, from_full=True) for m in sorted(methods))
+    order = {m: i for i, m in enumerate(ALL_METHODS)}
+    out.sort(key=lambda s: (s["task"] != "all", s["task"], order.get(s["method"], 99), s["keep"]))
+    return out
+
+
+def _summary_row(method, keep, task, rs, from_full):
+    n = len(rs)
+    correct = sum(r["correct"] for r in rs)
+    later = [r for r in rs if not r["first_question"]]
+    return {
+        "task": task, "method": method, "keep": keep, "questions": n, "correct": correct,
+        "accuracy": round(correct / n, 4) if n else float("nan"),
+        "accuracy_first_q": round(sum(r["correct"] for r in rs if r["first_question"]) / max(1, n - len(later)), 4),
+        "accuracy_later_q": round(sum(r["correct"] for r in later) / len(later), 4) if later else float("nan"),
+        "kv_fraction": 1.0 if from_full else round(sum(r["kv_fraction"] for r in rs) / n, 4),
+        "from_full": from_full,
+    }

