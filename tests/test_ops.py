@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import kvkernels
-from kvkernels import _backend
 
 OPS = ["kvzip_score", "topk_mask", "compact_kv", "ragged_append", "ragged_attention", "kivi_quantize",
        "kivi_dequantize", "kivi_attention", "lowrank_residual"]

@@ -33,8 +33,7 @@ import torch
 from transformers import DynamicCache
 
 import kvkernels
-from kvkernels.hf import DenseContext, greedy_answer, prefill
-from kvkernels.hf.attention import RAGGED_ATTENTION, attention_implementation
+from kvkernels.hf import DenseContext, prefill
 
 from .capture import H2OCapture, SnapKVCapture, capturing
 from .scoring import contains_answer
@@ -76,29 +75,9 @@ def settings_for(methods: Sequence[str], ratios: Sequence[float]) -> List[Settin
 # Answering. The pipeline's ``ask`` takes a question only; our tasks start the assistant's reply with
 # an answer prefix, so the same greedy decoding runs on [question tokens ; prefix tokens] here.
 
-def question_prompt_ids(ctx, question: Question) -> torch.Tensor:
-    ids = ctx.prompt.question_ids(question.prompt)
-    if question.answer_prefix:
-        ids = torch.cat([ids, ctx.prompt.encode(question.answer_prefix)])
-    return ids
-
-
 def answer(ctx, question: Question):
     """Greedy answer of ``ctx`` (DenseContext or CompressedContext); the cache is restored afterwards."""
-    ids = question_prompt_ids(ctx, question)
-    if isinstance(ctx, DenseContext):
-        try:
-            return greedy_answer(ctx.model, ctx.tokenizer, ctx.cache, ids, ctx.num_tokens, question.max_new_tokens)
-        finally:
-            extra = ctx.cache.get_seq_length() - ctx.num_tokens
-            if extra > 0:
-                ctx.cache.crop(-extra)
-    ctx.cache.reserve(ids.numel() + question.max_new_tokens)
-    try:
-        with attention_implementation(ctx.model, RAGGED_ATTENTION):
-            return greedy_answer(ctx.model, ctx.tokenizer, ctx.cache, ids, ctx.num_tokens, question.max_new_tokens)
-    finally:
-        ctx.cache.rollback()
+    return ctx.answer(question.prompt, question.max_new_tokens, answer_prefix=question.answer_prefix)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,7 +170,7 @@ def prefill_with_h2o(model, tokenizer, context: str, want_h2o: bool):
 def snapkv_window_scores(dense: DenseContext, question: Question, kernel_size: int = 7) -> torch.Tensor:
     """SnapKV scores [L, 1, Hkv, N]: the first question's tokens (with its answer prefix) as the window."""
     L, Hkv, _ = model_shape(dense.model)
-    ids = question_prompt_ids(dense, question)[None].to(dense.input_ids.device)
+    ids = dense.prompt.question_ids(question.prompt, question.answer_prefix)[None].to(dense.input_ids.device)
     capture = SnapKVCapture(L, 1, Hkv, dense.num_tokens, dense.input_ids.device, kernel_size)
     positions = torch.arange(dense.num_tokens, dense.num_tokens + ids.shape[1], device=ids.device)[None]
     try:

@@ -59,9 +59,13 @@ class PromptFormat:
     def sink_ids(self) -> torch.Tensor:
         return self.encode(self.sink)
 
-    def question_ids(self, question: str) -> torch.Tensor:
-        """The tokens that follow the context for a question: the question, end of turn, assistant opener."""
-        return torch.cat([self.encode("\n\n" + question), self.encode(self.turn_end)])
+    def question_ids(self, question: str, answer_prefix: str = "") -> torch.Tensor:
+        """The tokens that follow the context for a question: the question, end of turn, assistant opener,
+        and ``answer_prefix``, the start of the assistant's reply (e.g. "The code is"), if any."""
+        parts = [self.encode("\n\n" + question), self.encode(self.turn_end)]
+        if answer_prefix:
+            parts.append(self.encode(answer_prefix))
+        return torch.cat(parts)
 
 
 @dataclass
@@ -165,9 +169,12 @@ class DenseContext:
         keys, values = self.layer_kv()
         return sum(t.numel() * t.element_size() for t in keys + values)
 
-    def answer(self, question: str, max_new_tokens: int = 64) -> Answer:
-        """Greedy answer over the full cache; the question and answer are cropped off afterwards."""
-        ids = self.prompt.question_ids(question)
+    def answer(self, question: str, max_new_tokens: int = 64, answer_prefix: str = "") -> Answer:
+        """Greedy answer over the full cache; the question and answer are cropped off afterwards.
+
+        ``answer_prefix`` starts the assistant's reply (RULER-style evaluation prompts use one).
+        """
+        ids = self.prompt.question_ids(question, answer_prefix)
         try:
             return greedy_answer(self.model, self.tokenizer, self.cache, ids, self.num_tokens, max_new_tokens)
         finally:
@@ -175,9 +182,9 @@ class DenseContext:
             if extra > 0:
                 self.cache.crop(-extra)
 
-    def ask(self, question: str, max_new_tokens: int = 64) -> str:
+    def ask(self, question: str, max_new_tokens: int = 64, answer_prefix: str = "") -> str:
         """The answer text (see :meth:`answer`)."""
-        return self.answer(question, max_new_tokens).text
+        return self.answer(question, max_new_tokens, answer_prefix).text
 
     def kvzip_scores(self, chunk_size: int = 2048, overlap: int = 8, progress: bool = False) -> torch.Tensor:
         """fp32 [L, 1, Hkv, N] KVzip scores of the prefilled tokens (sink columns +inf)."""
@@ -274,9 +281,9 @@ class CompressedContext:
         return CompressedContext(self.model, self.tokenizer, self.prompt, cache, self.sink_len, self.keep,
                                  self.budget, self._dense_bytes, self._kept_rows, kivi_bits=bits)
 
-    def answer(self, question: str, max_new_tokens: int = 64) -> Answer:
+    def answer(self, question: str, max_new_tokens: int = 64, answer_prefix: str = "") -> Answer:
         """Greedy answer over the compressed pool; the pool is rolled back afterwards, even on error."""
-        ids = self.prompt.question_ids(question)
+        ids = self.prompt.question_ids(question, answer_prefix)
         self.cache.reserve(ids.numel() + max_new_tokens)
         try:
             with attention_implementation(self.model, RAGGED_ATTENTION):
@@ -284,9 +291,9 @@ class CompressedContext:
         finally:
             self.cache.rollback()
 
-    def ask(self, question: str, max_new_tokens: int = 64) -> str:
+    def ask(self, question: str, max_new_tokens: int = 64, answer_prefix: str = "") -> str:
         """The answer text (see :meth:`answer`)."""
-        return self.answer(question, max_new_tokens).text
+        return self.answer(question, max_new_tokens, answer_prefix).text
 
 
 @torch.no_grad()
