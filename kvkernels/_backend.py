@@ -29,25 +29,8 @@ import torch
 
 BACKENDS = ("auto", "reference", "triton", "cupy")
 
-# Which families each compiled backend implements: op name -> module under kvkernels.<backend>.
-# A missing entry means "this backend has no kernel for the op; fall through to the next one".
-_KERNEL_MODULES: dict[str, dict[str, str]] = {
-    "triton": {
-        "kvzip_score": "kvzip_score",
-        "topk_mask": "topk",
-        "compact_kv": "pool",
-        "ragged_append": "pool",
-        "ragged_attention": "ragged_attention",
-        "kivi_quantize": "kivi",
-        "kivi_dequantize": "kivi",
-        "kivi_attention": "kivi",
-        "lowrank_residual": "lowrank",
-    },
-    "cupy": {
-        "topk_mask": "topk",
-    },
-}
-_REFERENCE_MODULES = {
+# The module (kernel family) of each op: kvkernels/reference/<module>.py, kvkernels/triton/<module>.py.
+_FAMILY = {
     "kvzip_score": "kvzip_score",
     "topk_mask": "topk",
     "compact_kv": "pool",
@@ -57,6 +40,12 @@ _REFERENCE_MODULES = {
     "kivi_dequantize": "kivi",
     "kivi_attention": "kivi",
     "lowrank_residual": "lowrank",
+}
+# The ops each compiled backend implements (op -> module under kvkernels.<backend>). An op missing from
+# a backend's map falls through to the next backend (see _FALLBACK).
+_KERNEL_MODULES: dict[str, dict[str, str]] = {
+    "triton": dict(_FAMILY),
+    "cupy": {"topk_mask": "topk"},
 }
 _FALLBACK = {"cupy": "triton", "triton": "reference"}
 
@@ -141,7 +130,7 @@ def resolve(op: str, device: torch.device) -> Callable:
         raise RuntimeError(f"kvkernels.{op}: backend {backend!r} (requested {requested!r}) cannot run here: {why}")
     _local.last = (op, backend)
     if backend == "reference":
-        module = importlib.import_module(f"kvkernels.reference.{_REFERENCE_MODULES[op]}")
+        module = importlib.import_module(f"kvkernels.reference.{_FAMILY[op]}")
     else:
         module = importlib.import_module(f"kvkernels.{backend}.{_KERNEL_MODULES[backend][op]}")
     return getattr(module, op)
