@@ -367,6 +367,14 @@ def _compare_kivi_quantize(out, ref, args):
 # ---------------------------------------------------------------------------------------------------
 TINY_KV = dict(B=[1], Hkv=[2], D=[64], dtype=["fp16"])
 
+# Quantize and dequantize run over the same shapes.
+KIVI_CODEC_GRIDS = {
+    "tiny": grid(**TINY_KV, T=[64], bits=[2], group=[32], axis=["key", "value"]),
+    "small": grid(B=[8], Hkv=[8], T=[4096], D=[128], bits=[2], group=[32], axis=["key", "value"], dtype=["bf16"]),
+    "full": [p for p in grid(B=[8], Hkv=[8], T=[4096], D=[64, 128], bits=[2, 4], group=[32, 64, 128],
+                             axis=["key", "value"], dtype=["bf16", "fp16"]) if _kivi_valid(p)],
+}
+
 WORKLOADS: dict[str, Workload] = {
     "kvzip_score": Workload(
         op="kvzip_score", module="kvzip_score", family="kvzip",
@@ -424,24 +432,12 @@ WORKLOADS: dict[str, Workload] = {
     ),
     "kivi_quantize": Workload(
         op="kivi_quantize", module="kivi", family="kivi",
-        grids={
-            "tiny": grid(**TINY_KV, T=[64], bits=[2], group=[32], axis=["key", "value"]),
-            "small": grid(B=[8], Hkv=[8], T=[4096], D=[128], bits=[2], group=[32], axis=["key", "value"],
-                          dtype=["bf16"]),
-            "full": [p for p in grid(B=[8], Hkv=[8], T=[4096], D=[64, 128], bits=[2, 4], group=[32, 64, 128],
-                                     axis=["key", "value"], dtype=["bf16", "fp16"]) if _kivi_valid(p)],
-        },
+        grids=KIVI_CODEC_GRIDS,
         build=_build_kivi_quantize, traffic=_traffic_kivi_quantize, compare=_compare_kivi_quantize,
     ),
     "kivi_dequantize": Workload(
         op="kivi_dequantize", module="kivi", family="kivi",
-        grids={
-            "tiny": grid(**TINY_KV, T=[64], bits=[2], group=[32], axis=["key", "value"]),
-            "small": grid(B=[8], Hkv=[8], T=[4096], D=[128], bits=[2], group=[32], axis=["key", "value"],
-                          dtype=["bf16"]),
-            "full": [p for p in grid(B=[8], Hkv=[8], T=[4096], D=[64, 128], bits=[2, 4], group=[32, 64, 128],
-                                     axis=["key", "value"], dtype=["bf16", "fp16"]) if _kivi_valid(p)],
-        },
+        grids=KIVI_CODEC_GRIDS,
         build=_build_kivi_dequantize, traffic=_traffic_kivi_dequantize,
         compare=lambda out, ref, args: _close(out, ref, args[1].dtype),
     ),

@@ -18,6 +18,20 @@ def sortable_key(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(scores), torch.full_like(keys, NAN_KEY), keys)
 
 
+def trivial_mask(scores: torch.Tensor, k: int) -> torch.Tensor | None:
+    """The mask when no selection is needed (nothing or everything kept, or no rows), else None.
+
+    Shared by the kernels, which skip their launches in these cases.
+    """
+    R, M = scores.shape
+    kk = min(k, M)
+    if R == 0 or kk == 0:
+        return torch.zeros((R, M), dtype=torch.bool, device=scores.device)
+    if kk == M:
+        return torch.ones((R, M), dtype=torch.bool, device=scores.device)
+    return None
+
+
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """True at the min(k, M) largest entries of each row; ties go to the lower column index."""
     R, M = scores.shape

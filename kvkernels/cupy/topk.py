@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from kvkernels import tuning
+from kvkernels.reference.topk import trivial_mask
 
 NUM_BINS = 256
 MAX_ROW_LEN = 2**31 - 2**20  # counts are 32-bit
@@ -350,11 +351,10 @@ def _launch_spans(cp, kern, scores, out, k, threads, span):
 def topk_mask(scores: torch.Tensor, k: int, *, config: dict | None = None) -> torch.Tensor:
     """bool [R, M]: True at the min(k, M) largest entries of each row; ties go to the lower index."""
     R, M = scores.shape
+    trivial = trivial_mask(scores, k)
+    if trivial is not None:
+        return trivial
     kk = min(k, M)
-    if R == 0 or kk == 0:
-        return torch.zeros((R, M), dtype=torch.bool, device=scores.device)
-    if kk == M:
-        return torch.ones((R, M), dtype=torch.bool, device=scores.device)
     if scores.device.type != "cuda":
         raise RuntimeError(f"kvkernels.topk_mask (cupy): needs a CUDA tensor, got {scores.device.type}")
     if M > MAX_ROW_LEN:

@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from kvkernels import tuning
+from kvkernels.reference.topk import trivial_mask
 
 NUM_BINS = 256  # 8-bit digits, 4 passes
 MAX_ROW_LEN = 2**31 - 2**20  # per-row counts and in-row offsets of a tile fit int32
@@ -296,11 +297,10 @@ def check_config(config: dict) -> None:
 def topk_mask(scores: torch.Tensor, k: int, *, config: dict | None = None) -> torch.Tensor:
     """bool [R, M]: True at the min(k, M) largest entries of each row; ties go to the lower index."""
     R, M = scores.shape
+    trivial = trivial_mask(scores, k)
+    if trivial is not None:
+        return trivial
     kk = min(k, M)
-    if R == 0 or kk == 0:
-        return torch.zeros((R, M), dtype=torch.bool, device=scores.device)
-    if kk == M:
-        return torch.ones((R, M), dtype=torch.bool, device=scores.device)
     if M > MAX_ROW_LEN:
         raise ValueError(f"kvkernels.topk_mask (triton): rows of {M} entries exceed the supported "
                          f"{MAX_ROW_LEN} (int32 counts); split the row")
