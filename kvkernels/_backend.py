@@ -7,13 +7,16 @@ Backends, in the order a request falls back through them:
                   ``TRITON_INTERPRET=1`` (the Triton interpreter, which is how CI runs them).
 * ``cupy``      - CuPy RawKernels in ``kvkernels.cupy``; CUDA tensors only. Only some ops have one;
                   the others fall through to ``triton``.
-* ``auto``      - the default: ``triton`` for CUDA tensors when Triton is importable, else ``reference``.
+* ``cpu``       - kernels for CPU tensors written for speed in ``kvkernels.cpu`` (the references stay
+                  the oracle); ops without one fall through to ``reference``.
+* ``auto``      - the default: ``triton`` for CUDA tensors when Triton is importable, ``cpu`` for CPU
+                  tensors, else ``reference``.
 
 Choose with the environment variable ``KVKERNELS_BACKEND`` (read at every call, so it can be set after
 import) or, taking precedence, with the context manager :func:`use_backend`. A backend that was asked
 for explicitly but cannot run the op on the given tensors is an error, never a silent fallback to a
 slower path; only an op that a backend does not implement at all falls through (``cupy`` → ``triton``
-→ ``reference``), and :func:`resolve` reports which one ran through :func:`last_choice` for tests.
+→ ``reference``, ``cpu`` → ``reference``), and :func:`resolve` reports which one ran through :func:`last_choice` for tests.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Callable, Iterator
 
 import torch
 
-BACKENDS = ("auto", "reference", "triton", "cupy")
+BACKENDS = ("auto", "reference", "cpu", "triton", "cupy")
 
 # The module (kernel family) of each op: kvkernels/reference/<module>.py, kvkernels/triton/<module>.py.
 _FAMILY = {
@@ -46,8 +49,9 @@ _FAMILY = {
 _KERNEL_MODULES: dict[str, dict[str, str]] = {
     "triton": dict(_FAMILY),
     "cupy": {"topk_mask": "topk"},
+    "cpu": {},
 }
-_FALLBACK = {"cupy": "triton", "triton": "reference"}
+_FALLBACK = {"cupy": "triton", "triton": "reference", "cpu": "reference"}
 
 _local = threading.local()
 
@@ -104,6 +108,10 @@ def _can_run(backend: str, device: torch.device) -> tuple[bool, str]:
         if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
             return True, ""
         return False, f"Triton kernels need CUDA tensors, or CPU tensors with TRITON_INTERPRET=1; got {device.type}"
+    if backend == "cpu":
+        if device.type != "cpu":
+            return False, f"the cpu backend runs on CPU tensors; got {device.type}"
+        return True, ""
     if backend == "cupy":
         if device.type != "cuda":
             return False, f"CuPy kernels need CUDA tensors; got {device.type}"
@@ -116,6 +124,8 @@ def _can_run(backend: str, device: torch.device) -> tuple[bool, str]:
 def _auto(device: torch.device) -> str:
     if device.type == "cuda" and triton_available():
         return "triton"
+    if device.type == "cpu":
+        return "cpu"
     return "reference"
 
 

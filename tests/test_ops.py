@@ -104,7 +104,7 @@ def test_backend_env_and_context(monkeypatch):
     with kvkernels.use_backend("auto"):
         assert kvkernels.current_backend() == "auto"
         kvkernels.topk_mask(rand(2, 5), 2)
-        assert kvkernels.last_choice() == ("topk_mask", "reference")  # auto on CPU = reference
+        assert kvkernels.last_choice() == ("topk_mask", "reference")  # auto on CPU = cpu, which falls through to reference for ops it lacks
     assert kvkernels.current_backend() == "reference"
     monkeypatch.setenv("KVKERNELS_BACKEND", "fast")
     with pytest.raises(ValueError, match="KVKERNELS_BACKEND.*unknown backend 'fast'"):
