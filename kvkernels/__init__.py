@@ -1,45 +1,66 @@
 """kvkernels: kernels for KV-cache compression in LLM inference (KVzip, KIVI, GEAR-style low rank).
 
-``import kvkernels`` registers the ``torch.ops.kvkernels.*`` operators and imports neither Triton nor
-CuPy; those load when their backend is first chosen (see :mod:`kvkernels._backend`).
+``import kvkernels`` imports neither Triton nor CuPy; those load when their backend is first chosen (see
+:mod:`kvkernels._backend`). The ``torch.ops.kvkernels.*`` operators are registered when torch is
+imported before kvkernels (``import torch`` then ``import kvkernels``, the usual order) or, otherwise,
+on the first use of any name below (``kvkernels.compact_kv``, ``from kvkernels import Pool``, ...).
+That keeps ``import kvkernels`` without torch cheap, so the ``kvkernels`` command answers ``--help``
+and argument errors at once.
 """
 
-from ._backend import current_backend, last_choice, use_backend
-from ._validate import PoolOverflowError
-from .api import (
-    Pool,
-    check_overflow,
-    compact_kv,
-    deferred_overflow_checks,
-    kivi_attention,
-    kivi_dequantize,
-    kivi_quantize,
-    kvzip_score,
-    lowrank_residual,
-    ragged_append,
-    ragged_attention,
-    topk_mask,
-)
-from .kivi_cache import KiviCache
+import importlib as _importlib
+import sys as _sys
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "KiviCache",
-    "Pool",
-    "PoolOverflowError",
-    "check_overflow",
-    "compact_kv",
-    "deferred_overflow_checks",
-    "current_backend",
-    "kivi_attention",
-    "kivi_dequantize",
-    "kivi_quantize",
-    "kvzip_score",
-    "last_choice",
-    "lowrank_residual",
-    "ragged_append",
-    "ragged_attention",
-    "topk_mask",
-    "use_backend",
-]
+# Public name -> the submodule that defines it (imported together on first use; see _load).
+_EXPORTS = {
+    "current_backend": "._backend",
+    "last_choice": "._backend",
+    "use_backend": "._backend",
+    "PoolOverflowError": "._validate",
+    "Pool": ".api",
+    "check_overflow": ".api",
+    "compact_kv": ".api",
+    "deferred_overflow_checks": ".api",
+    "kivi_attention": ".api",
+    "kivi_dequantize": ".api",
+    "kivi_quantize": ".api",
+    "kvzip_score": ".api",
+    "lowrank_residual": ".api",
+    "ragged_append": ".api",
+    "ragged_attention": ".api",
+    "topk_mask": ".api",
+    "KiviCache": ".kivi_cache",
+    "checking": "._checks",
+    "checking_enabled": "._checks",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def _load() -> None:
+    """Import every public name (this registers the ``torch.ops.kvkernels.*`` operators)."""
+    for name, module in _EXPORTS.items():
+        globals()[name] = getattr(_importlib.import_module(module, __name__), name)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        _load()
+        return globals()[name]
+    if not name.startswith("__"):
+        try:  # a submodule that nothing has imported yet (kvkernels.ops, kvkernels.hf, ...)
+            return _importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if "torch" in _sys.modules:
+    _load()

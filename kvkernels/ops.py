@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from . import _nvtx
+from . import _checks, _nvtx
 from . import _validate as V
 from ._backend import resolve
 
@@ -39,6 +39,7 @@ def kvzip_score(
     sm_scale: Optional[float] = None,
 ) -> torch.Tensor:
     V.check_kvzip_score(q, k, k_self, sink_len, chunk_start, chunk_end)
+    if _checks.enabled: _checks.kvzip_score(q, k, k_self, sink_len, chunk_start, chunk_end)
     scale = V.scale_value("kvzip_score", sm_scale, q.shape[-1])
     return _run("kvzip_score", q.device, q, k, k_self, sink_len, chunk_start, chunk_end, scale)
 
@@ -54,6 +55,7 @@ def _(q, k, k_self, sink_len, chunk_start, chunk_end, sm_scale=None):
 @torch.library.custom_op(f"{LIB}::topk_mask", mutates_args=())
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     V.check_topk_mask(scores, k)
+    if _checks.enabled: _checks.topk_mask(scores, k)
     return _run("topk_mask", scores.device, scores, k)
 
 
@@ -84,6 +86,7 @@ def compact_kv(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     V.check_compact_kv(keys, values, keep, num_kept, slack)
     _check_num_kept(keep, num_kept)
+    if _checks.enabled: _checks.compact_kv(keys, values, keep, num_kept, slack)
     return _run("compact_kv", keep.device, list(keys), list(values), keep, num_kept, slack)
 
 
@@ -116,6 +119,7 @@ def ragged_append(
     v_new: torch.Tensor,
 ) -> None:
     V.check_ragged_append(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new)
+    if _checks.enabled: _checks.ragged_append(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new)
     _run("ragged_append", k_pool.device, k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new)
 
 
@@ -137,6 +141,7 @@ def ragged_attention(
     return_lse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     V.check_ragged_attention(q, k_pool, v_pool, seg_start, seg_len)
+    if _checks.enabled: _checks.ragged_attention(q, k_pool, v_pool, seg_start, seg_len)
     scale = V.scale_value("ragged_attention", sm_scale, q.shape[-1])
     return _run("ragged_attention", q.device, q, k_pool, v_pool, seg_start, seg_len, scale, return_lse)
 
@@ -156,6 +161,7 @@ def kivi_quantize(
     x: torch.Tensor, bits: int, group_size: int, axis: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     V.check_kivi_quantize(x, bits, group_size, axis)
+    if _checks.enabled: _checks.kivi_quantize(x, bits, group_size, axis)
     return _run("kivi_quantize", x.device, x, bits, group_size, axis)
 
 
@@ -179,6 +185,7 @@ def kivi_dequantize(
     codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int, axis: str
 ) -> torch.Tensor:
     V.check_kivi_dequantize(codes, scale, zero, bits, group_size, axis)
+    if _checks.enabled: _checks.kivi_dequantize(codes, scale, zero, bits, group_size, axis)
     return _run("kivi_dequantize", codes.device, codes, scale, zero, bits, group_size, axis)
 
 
@@ -212,6 +219,7 @@ def kivi_attention(
 ) -> torch.Tensor:
     V.check_kivi_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, bits,
                            group_size, k_lr_u, k_lr_w, v_lr_u, v_lr_w)
+    if _checks.enabled: _checks.kivi_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, bits, group_size, k_lr_u, k_lr_w, v_lr_u, v_lr_w)
     scale = V.scale_value("kivi_attention", sm_scale, q.shape[-1])
     return _run("kivi_attention", q.device, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail,
                 bits, group_size, scale, k_lr_u, k_lr_w, v_lr_u, v_lr_w)
@@ -230,6 +238,7 @@ def _(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, bit
 @torch.library.custom_op(f"{LIB}::lowrank_residual", mutates_args=())
 def lowrank_residual(err: torch.Tensor, rank: int, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     V.check_lowrank_residual(err, rank, iters)
+    if _checks.enabled: _checks.lowrank_residual(err, rank, iters)
     return _run("lowrank_residual", err.device, err, rank, iters)
 
 
