@@ -93,14 +93,49 @@ def _wrap(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+MAX_PEOPLE = len(FIRST_NAMES) * len(LAST_NAMES)
+
+
+def _allocated_nbytes(tensors) -> int:
+    """Bytes of the storages behind ``tensors`` (each storage once): what the cache really holds in memory."""
+    seen, total = set(), 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def _cache_bytes(ctx, dense) -> tuple[int, int]:
+    """(live, allocated) KV bytes of a context: the rows holding the context vs everything allocated."""
+    if ctx is dense:
+        keys, values = dense.layer_kv()
+        return dense.nbytes(), _allocated_nbytes(keys + values)
+    return ctx.nbytes(include_slack=False), ctx.nbytes(include_slack=True)
+
+
 def run_demo(people: int = 16, keep: float = 0.3, questions: int = 4, max_new_tokens: int = 16,
              chunk_size: int = 2048, kivi_bits: int = 2, kivi_residual: int = 128, device=None,
-             model_and_tokenizer=None, out=sys.stdout) -> dict:
+             model_and_tokenizer=None, out=sys.stdout, quiet: bool = False) -> dict:
     """Run the demo and print its report to ``out``; returns the numbers (for tests and scripts).
 
     ``kivi_bits`` 2 or 4 adds a column with the KVzip pool KIVI-quantized on top (0: none);
-    ``model_and_tokenizer`` reuses an already loaded SmolLM2 (else it is loaded here).
+    ``model_and_tokenizer`` reuses an already loaded SmolLM2 (else it is loaded here). ``keep`` 1 keeps
+    everything and skips the scoring pass; ``keep`` 0 keeps only the sink (chat template + system prompt).
+    Progress goes to stderr unless ``quiet``.
     """
+    from kvkernels import _progress
+    from kvkernels._args import check_fraction, check_int, check_kivi
+
+    check_int("people", people, 1, MAX_PEOPLE)
+    check_fraction("keep", keep, "(the fraction of context KV pairs KEPT)")
+    check_int("questions", questions, 1)
+    check_int("max_new_tokens", max_new_tokens, 1)
+    check_int("chunk_size", chunk_size, 1)
+    if kivi_bits:
+        check_kivi(kivi_bits, 32, kivi_residual)
+
     import torch
 
     import kvkernels
@@ -109,7 +144,13 @@ def run_demo(people: int = 16, keep: float = 0.3, questions: int = 4, max_new_to
     print(f"kvkernels {kvkernels.__version__} demo: KVzip compress-once / ask-many on SmolLM2-135M-Instruct",
           file=out)
     t0 = time.perf_counter()
-    model, tokenizer = model_and_tokenizer if model_and_tokenizer is not None else load_smollm2(device=device)
+    if model_and_tokenizer is not None:
+        model, tokenizer = model_and_tokenizer
+    else:
+        with _progress.step("loading SmolLM2-135M-Instruct (about 25 s on 2 CPU cores)", not quiet):
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()  # this step's own line reports the load (bars would interleave)
+            model, tokenizer = load_smollm2(device=device)
     backend = "Triton kernels" if model.device.type == "cuda" else "reference (PyTorch) ops"
     print(f"model loaded in {time.perf_counter() - t0:.1f} s on {model.device} ({model.dtype}); "
           f"kvkernels backend: {backend}", file=out)
@@ -118,17 +159,21 @@ def run_demo(people: int = 16, keep: float = 0.3, questions: int = 4, max_new_to
     qa = demo_questions(folks, questions)
 
     t0 = time.perf_counter()
-    dense = prefill(model, tokenizer, directory_text(folks), progress=True, block_size=256)
+    dense = prefill(model, tokenizer, directory_text(folks), progress=not quiet, block_size=256)
     prefill_s = time.perf_counter() - t0
     print(f"context: {people} people, {dense.num_tokens} tokens ({dense.sink_len} sink tokens: chat template "
           f"+ system prompt, never evicted); prefill {prefill_s:.1f} s", file=out)
 
+    # Free rows per segment for the longest question + its answer: the pool allocates no more than that.
+    slack = max(dense.prompt.question_ids(q).numel() for q, _ in qa) + max_new_tokens
     t0 = time.perf_counter()
-    small = dense.compress(keep, chunk_size=chunk_size, progress=True, slack=max_new_tokens + 64)
+    small = dense.compress(keep, chunk_size=chunk_size, progress=not quiet, slack=slack)
     compress_s = time.perf_counter() - t0
     total_rows = dense.num_tokens * model.config.num_hidden_layers * model.config.num_key_value_heads
-    print(f"KVzip scoring + eviction: {compress_s:.1f} s; kept {small.kept_rows()} of {total_rows} "
-          f"(layer, head, token) KV pairs", file=out)
+    what = ("KVzip scoring + eviction" if 0.0 < keep < 1.0 else
+            f"eviction (keep {keep:g}: {'everything' if keep else 'only the sink'} kept, no scoring needed)")
+    print(f"{what}: {compress_s:.1f} s; kept {small.kept_rows()} of {total_rows} (layer, head, token) KV pairs",
+          file=out)
 
     variants = [("full cache", dense), (f"KVzip keep {keep:g}", small)]
     if kivi_bits:
@@ -138,9 +183,13 @@ def run_demo(people: int = 16, keep: float = 0.3, questions: int = 4, max_new_to
             print(f"(KIVI column skipped: {exc})", file=out)
 
     answers = {label: [] for label, _ in variants}
-    for question, _ in qa:
-        for label, ctx in variants:
-            answers[label].append(ctx.answer(question, max_new_tokens))
+    with _progress.bar(not quiet, total=len(qa) * len(variants), desc="answers", unit="answer") as bar:
+        for question, _ in qa:
+            for label, ctx in variants:
+                a = ctx.answer(question, max_new_tokens)
+                answers[label].append(a)
+                bar.set_postfix_str(f"{label}: {len(a.token_ids) / (a.prompt_seconds + a.decode_seconds):.1f} tok/s")
+                bar.update(1)
 
     pad = max(len(label) for label, _ in variants)
     for i, (question, expected) in enumerate(qa):
@@ -153,24 +202,26 @@ def run_demo(people: int = 16, keep: float = 0.3, questions: int = 4, max_new_to
         xs = [x for x in xs if x == x]
         return sum(xs) / len(xs) if xs else float("nan")
 
-    dense_bytes = dense.nbytes()
-    print(f"\n{'cache':<{pad + 16}} {'KV bytes':>10} {'vs dense':>9} {'decode/token':>13} {'expected':>9} "
-          f"{'= full':>7}", file=out)
+    dense_bytes, dense_allocated = _cache_bytes(dense, dense)
+    print(f"\n{'cache':<{pad + 16}} {'live KV':>10} {'allocated':>10} {'vs dense':>9} {'decode/token':>13} "
+          f"{'expected':>9} {'= full':>7}", file=out)
     summary = {}
     for label, ctx in variants:
-        live = ctx.nbytes() if ctx is dense else ctx.nbytes(include_slack=False)
+        live, allocated = _cache_bytes(ctx, dense)
         tpt = mean([a.seconds_per_token for a in answers[label]])
         ok = sum(_check(a.text, e) == "ok" for a, (_, e) in zip(answers[label], qa))
         same = sum(a.token_ids == f.token_ids for a, f in zip(answers[label], answers[variants[0][0]]))
-        name = label + (" (transformers)" if ctx is dense else " (held rows)")
-        print(f"{name:<{pad + 16}} {_mib(live):>10} {dense_bytes / live:>8.2f}x {_ms(tpt):>13} "
-              f"{ok:>5}/{len(qa)} {same:>5}/{len(qa)}", file=out)
-        summary[label] = {"bytes": live, "s_per_token": tpt, "correct": ok, "same_as_full": same,
+        name = label + (" (transformers)" if ctx is dense else "")
+        print(f"{name:<{pad + 16}} {_mib(live):>10} {_mib(allocated):>10} {dense_allocated / allocated:>8.2f}x "
+              f"{_ms(tpt):>13} {ok:>5}/{len(qa)} {same:>5}/{len(qa)}", file=out)
+        summary[label] = {"bytes": live, "allocated_bytes": allocated, "ratio": dense_allocated / allocated,
+                          "s_per_token": tpt, "correct": ok, "same_as_full": same,
                           "answers": [a.text for a in answers[label]]}
+    print("(live KV: the rows holding the context; allocated: all the cache holds in memory, with the free rows "
+          f"reserved for a question + answer ({slack} per layer and head in the compressed caches); vs dense: "
+          "dense allocated / allocated)", file=out)
     print("(expected: answers containing the right value; = full: token-identical to the full-cache answer)",
           file=out)
-    print(f"(the compressed caches also hold free rows for the question + answer: {_mib(small.nbytes())} "
-          f"allocated for KVzip keep {keep:g})", file=out)
     if kivi_bits:
         print(f"(KIVI: group 32, full-precision window of {kivi_residual} tokens per head)", file=out)
     if model.device.type != "cuda":
@@ -178,24 +229,40 @@ def run_demo(people: int = 16, keep: float = 0.3, questions: int = 4, max_new_to
               "speed-up there; the fast paths are the Triton kernels on CUDA)", file=out)
     if model.device.type == "cuda":
         print(f"peak GPU memory: {_mib(torch.cuda.max_memory_allocated(model.device))}", file=out)
-    return {"questions": qa, "variants": summary, "dense_bytes": dense_bytes, "prefill_s": prefill_s,
-            "compress_s": compress_s}
+    return {"questions": qa, "variants": summary, "dense_bytes": dense_bytes, "dense_allocated_bytes": dense_allocated,
+            "prefill_s": prefill_s, "compress_s": compress_s, "slack": slack}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--people", type=int, default=16, help="directory entries (about 42 tokens each)")
-    parser.add_argument("--keep", type=float, default=0.3, help="fraction of context KV pairs KEPT (KVzip ratio)")
-    parser.add_argument("--questions", type=int, default=4, help="number of questions")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--chunk-size", type=int, default=2048, help="KVzip reconstruction chunk length")
+    """The demo's options; every value is checked here, at parse time (nothing heavy is imported)."""
+    from kvkernels import _args as A
+
+    parser.add_argument("--people", type=A.int_at_least(1, MAX_PEOPLE), default=16,
+                        help=f"directory entries, 1..{MAX_PEOPLE} (about 42 tokens each)")
+    parser.add_argument("--keep", type=A.fraction("(the fraction of context KV pairs KEPT)"), default=0.3,
+                        help="fraction of the context's KV pairs KEPT (KVzip's ratio), in [0, 1]; 1 keeps "
+                             "everything and skips scoring, 0 keeps only the sink (chat template + system prompt)")
+    parser.add_argument("--questions", type=A.int_at_least(1), default=4, help="number of questions asked")
+    parser.add_argument("--max-new-tokens", type=A.int_at_least(1), default=16,
+                        help="longest answer, in tokens (greedy decoding stops earlier at end of turn)")
+    parser.add_argument("--chunk-size", type=A.int_at_least(1), default=2048,
+                        help="KVzip reconstruction chunk length, in tokens")
     parser.add_argument("--kivi-bits", type=int, default=2, choices=(0, 2, 4),
-                        help="also KIVI-quantize the KVzip pool (0: skip)")
-    parser.add_argument("--kivi-residual", type=int, default=128,
-                        help="KIVI full-precision window of recent tokens per head (a multiple of 32; KIVI's "
-                             "default 128; smaller quantizes more of a short context)")
-    parser.add_argument("--threads", type=int, default=None,
+                        help="also KIVI-quantize the KVzip pool to this many bits (0: skip that column)")
+    parser.add_argument("--kivi-residual", type=A.cli_type(A._to_int, _kivi_residual, "int"), default=128,
+                        help="KIVI full-precision window of recent tokens per head (a positive multiple of the "
+                             "group size 32; KIVI's default 128; smaller quantizes more of a short context)")
+    parser.add_argument("--threads", type=A.int_at_least(1), default=None,
                         help="torch CPU threads (default: torch's; 1 is often faster on a busy shared CPU)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", type=A.device(), default=None,
+                        help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr (the report still prints)")
+
+
+def _kivi_residual(value: int) -> int:
+    from kvkernels._args import check_kivi
+    check_kivi(2, 32, value)
+    return value
 
 
 def main(args: argparse.Namespace) -> int:
@@ -210,7 +277,7 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         run_demo(args.people, args.keep, args.questions, args.max_new_tokens, args.chunk_size, args.kivi_bits,
-                 args.kivi_residual, args.device)
+                 args.kivi_residual, args.device, quiet=args.quiet)
     except ModelNotInstalledError as exc:
         print(f"kvkernels demo: {exc}", file=sys.stderr)
         return 2

@@ -13,23 +13,49 @@ from kvkernels.cli import register_subcommand
 DEFAULT_TASKS = ["needle", "kv_retrieval", "var_tracking", "fact_directory"]
 DEFAULT_METHODS = ["full", "kvzip", "kvzip-uniform", "kvzip-head", "snapkv", "h2o", "kivi2", "kivi4", "kvzip+kivi2"]
 DEFAULT_RATIOS = [0.1, 0.3, 0.6]
+# harness.ALL_METHODS, spelled out so that building the parser imports neither torch nor transformers
+# (tests/test_cli.py checks the two agree).
+METHODS = ("full", "kvzip", "kvzip-uniform", "kvzip-head", "snapkv", "h2o", "kvzip+kivi2", "kivi2", "kivi4")
+MAX_QUESTIONS = 20  # the needle task draws distinct needles from a pool of 20
+
+
+def default_out() -> Path:
+    """A fresh folder in the working directory, never the committed bench/results/quality."""
+    return Path(f"kvkernels-eval-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .harness import ALL_METHODS
+    from kvkernels import _args as A
+
     from .tasks import TASKS
-    parser.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, choices=sorted(TASKS))
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(ALL_METHODS))
-    parser.add_argument("--ratios", nargs="+", type=float, default=DEFAULT_RATIOS,
-                        help="keep ratios (fraction of context KV pairs KEPT); 1.0 is the full cache")
-    parser.add_argument("--contexts", type=int, default=1, help="contexts per task")
-    parser.add_argument("--context-tokens", type=int, default=512, help="approximate context length in tokens")
-    parser.add_argument("--questions", type=int, default=3, help="questions per context")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/quality"))
-    parser.add_argument("--name", default="results", help="file stem of the CSV/JSON/PNG outputs")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, choices=sorted(TASKS), metavar="TASK",
+                        help=f"tasks to run, from: {', '.join(sorted(TASKS))}")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=METHODS, metavar="METHOD",
+                        help=f"methods to compare, from: {', '.join(METHODS)}")
+    parser.add_argument("--ratios", nargs="+", type=A.fraction("(a keep ratio)"), default=DEFAULT_RATIOS,
+                        metavar="KEEP", help="keep ratios (fraction of context KV pairs KEPT, in [0, 1]); 1.0 is "
+                                             "the full cache")
+    parser.add_argument("--contexts", type=A.int_at_least(1), default=1, help="contexts per task")
+    parser.add_argument("--context-tokens", type=A.int_at_least(128), default=512,
+                        help="approximate context length in tokens (at least 128)")
+    parser.add_argument("--questions", type=A.int_at_least(1, MAX_QUESTIONS), default=3,
+                        help=f"questions per context, 1..{MAX_QUESTIONS}")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated contexts and questions")
+    parser.add_argument("--out", type=Path, default=default_out(),
+                        help="output folder (created); the default is a fresh ./kvkernels-eval-<date>-<time>, "
+                             "never the committed bench/results/quality")
+    parser.add_argument("--name", type=A.cli_type(str, _file_stem, "name"), default="results",
+                        help="file stem of the CSV/JSON/PNG outputs")
+    parser.add_argument("--device", type=A.device(), default=None,
+                        help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
+    parser.add_argument("--threads", type=A.int_at_least(1), default=None,
+                        help="torch CPU threads (default: torch's)")
+
+
+def _file_stem(name: str) -> str:
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise ValueError(f"name must be a file name without a folder, got {name!r}")
+    return name
 
 
 def main(args: argparse.Namespace) -> int:
