@@ -103,9 +103,10 @@ def cli_type(convert: Callable[[str], object], check: Callable[[object], object]
 
 
 def _strip_name(message: str) -> str:
-    # "keep must be ..." -> "must be ...": argparse already prefixes the flag ("argument --keep: ...").
-    head, _, rest = message.partition(" ")
-    return rest if rest.startswith(("must", "=")) else message
+    # "keep must be ..." -> "must be ...", "value cuda: ..." -> "cuda: ...": argparse names the flag itself
+    # ("argument --keep: ...").
+    message = re.sub(r"^\w+ (?=must )", "", message)
+    return message[len("value "):] if message.startswith("value ") else message
 
 
 def int_at_least(lo: int, hi: Optional[int] = None, what: str = "") -> Callable:

@@ -26,13 +26,43 @@ import torch
 from transformers import DynamicCache
 
 import kvkernels
-from kvkernels import _nvtx
+from kvkernels import _args as A
+from kvkernels import _nvtx, _progress
 
 from .attention import RAGGED_ATTENTION, attention_implementation
 from .cache import RaggedPoolCache
-from .scoring import (broadcast_head_scores, external_scores, kvzip_scores, resolve_keep, select_kept)
+from .scoring import (BUDGETS, broadcast_head_scores, external_scores, kvzip_scores, resolve_keep, select_kept)
 
 CONTEXT_MARKER = "\u27e6KVKERNELS-CONTEXT\u27e7"
+
+
+def _check_compress_args(keep, compression_ratio, budget, chunk_size, overlap, slack, scores, head_scores) -> float:
+    """Check :func:`compress`'s eviction arguments before any model work; returns the fraction kept."""
+    if keep is not None:
+        A.check_fraction("keep", keep, "(the fraction of context KV pairs KEPT)")
+    if compression_ratio is not None:
+        A.check_fraction("compression_ratio", compression_ratio, "(the fraction of context KV pairs REMOVED)")
+    keep = resolve_keep(keep, compression_ratio)
+    A.check_choice("budget", budget, BUDGETS)
+    A.check_int("chunk_size", chunk_size, 1)
+    A.check_int("overlap", overlap, 0)
+    A.check_int("slack", slack, 0)
+    for name, value in (("scores", scores), ("head_scores", head_scores)):
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(value).__name__}")
+    if scores is not None and head_scores is not None:
+        raise ValueError("give scores (per token) or head_scores (per head), not both")
+    return keep
+
+
+def _check_question_args(question, max_new_tokens, answer_prefix) -> None:
+    A.check_text("question", question)
+    A.check_int("max_new_tokens", max_new_tokens, 1)
+    A.check_text("answer_prefix", answer_prefix, allow_empty=True)
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 class PromptFormat:
@@ -174,6 +204,7 @@ class DenseContext:
 
         ``answer_prefix`` starts the assistant's reply (RULER-style evaluation prompts use one).
         """
+        _check_question_args(question, max_new_tokens, answer_prefix)
         ids = self.prompt.question_ids(question, answer_prefix)
         try:
             return greedy_answer(self.model, self.tokenizer, self.cache, ids, self.num_tokens, max_new_tokens)
@@ -195,22 +226,25 @@ class DenseContext:
                  budget: str = "global", scores: Optional[torch.Tensor] = None,
                  head_scores: Optional[torch.Tensor] = None, chunk_size: int = 2048, overlap: int = 8,
                  slack: int = 256, progress: bool = False) -> "CompressedContext":
-        """Evict the context's KV pairs into one ragged pool; see :func:`compress` for the arguments."""
-        keep = resolve_keep(keep, compression_ratio)
+        """Evict the context's KV pairs into one ragged pool; see :func:`compress` for the arguments.
+
+        ``keep`` 1 keeps everything and ``keep`` 0 only the sink: neither runs the scoring pass.
+        """
+        keep = _check_compress_args(keep, compression_ratio, budget, chunk_size, overlap, slack, scores, head_scores)
         config = self.model.config
         L, Hkv = config.num_hidden_layers, config.num_key_value_heads
         B, N = self.input_ids.shape
-        if scores is not None and head_scores is not None:
-            raise ValueError("give scores (per token) or head_scores (per head), not both")
         if scores is not None:
             token_scores = external_scores(scores.to(self.input_ids.device), L, B, Hkv, N, self.sink_len)
         elif head_scores is not None:
             if tuple(head_scores.shape) != (L, Hkv):
                 raise ValueError(f"head_scores must have shape [L={L}, Hkv={Hkv}], got {tuple(head_scores.shape)}")
             token_scores = broadcast_head_scores(head_scores.to(self.input_ids.device), B, N, self.sink_len)
-        elif keep >= 1.0:
-            # Everything is kept: the scoring pass would not change the selection, so skip it.
-            token_scores = torch.ones(L, B, Hkv, N, device=self.input_ids.device)
+        elif keep in (0.0, 1.0):
+            # All or none of the context is kept: scores would not change the selection, so skip the pass.
+            # The sink's +inf keeps it (alone, at keep 0) whatever the budget.
+            token_scores = torch.zeros(L, B, Hkv, N, device=self.input_ids.device)
+            token_scores[..., :self.sink_len] = float("inf")
         else:
             with _nvtx.range("score"):
                 token_scores = self.kvzip_scores(chunk_size, overlap, progress)
@@ -275,6 +309,9 @@ class CompressedContext:
         """
         from .kivi import KiviPoolCache
 
+        A.check_kivi(bits, group_size, residual, self.pool.k_pool.shape[1])
+        if slack is not None:
+            A.check_int("slack", slack, 0)
         if slack is None:
             slack = int((self.pool.seg_cap - self.cache._saved_seg_len).min())
         cache = KiviPoolCache(self.pool, self.num_tokens, bits, group_size, residual, slack)
@@ -283,6 +320,7 @@ class CompressedContext:
 
     def answer(self, question: str, max_new_tokens: int = 64, answer_prefix: str = "") -> Answer:
         """Greedy answer over the compressed pool; the pool is rolled back afterwards, even on error."""
+        _check_question_args(question, max_new_tokens, answer_prefix)
         ids = self.prompt.question_ids(question, answer_prefix)
         self.cache.reserve(ids.numel() + max_new_tokens)
         try:
@@ -304,19 +342,21 @@ def prefill(model, tokenizer, context: str, *, system_prompt: Optional[str] = No
     The prefill runs in blocks of ``block_size`` tokens (a progress bar with ``progress=True``); the
     result equals a single forward up to floating-point rounding.
     """
+    A.check_text("context", context)
+    if system_prompt is not None:
+        A.check_text("system_prompt", system_prompt, allow_empty=True)
+    A.check_int("block_size", block_size, 1)
     prompt = PromptFormat(tokenizer, system_prompt)
     sink = prompt.sink_ids()
     ids = torch.cat([sink, prompt.encode(context)])[None].to(model.device)
     cache = DynamicCache(config=model.config)
     decoder = model.get_decoder()  # hidden states only: the vocabulary projection is not needed here
-    starts = range(0, ids.shape[1], block_size)
-    if progress:
-        from tqdm.auto import tqdm
-        starts = tqdm(starts, desc="prefill", unit="block")
-    for s in starts:
-        block = ids[:, s:s + block_size]
-        positions = torch.arange(s, s + block.shape[1], device=ids.device)[None]
-        decoder(input_ids=block, past_key_values=cache, position_ids=positions, use_cache=True)
+    with _progress.bar(progress, total=ids.shape[1], desc="prefill", unit="tok") as bar:
+        for s in range(0, ids.shape[1], block_size):
+            block = ids[:, s:s + block_size]
+            positions = torch.arange(s, s + block.shape[1], device=ids.device)[None]
+            decoder(input_ids=block, past_key_values=cache, position_ids=positions, use_cache=True)
+            bar.update(block.shape[1])
     return DenseContext(model, tokenizer, prompt, ids, sink.numel(), cache)
 
 
@@ -344,9 +384,14 @@ def compress(model, tokenizer, context: str, keep: Optional[float] = None, *,
             question needs more).
         kivi_bits: 2 or 4 to also KIVI-quantize the kept KV pairs (see :meth:`CompressedContext.quantize`;
             ``kivi_group_size`` and ``kivi_residual`` are KIVI's group size and full-precision window).
-        progress: tqdm progress bars for the prefill and the scoring.
+        progress: tqdm progress bars (stderr) for the prefill and the scoring, in tokens/s.
+
+    Every argument is checked before any model work (``ValueError``/``TypeError`` naming it).
     """
-    keep = resolve_keep(keep, compression_ratio)
+    keep = _check_compress_args(keep, compression_ratio, budget, chunk_size, overlap, slack, scores, head_scores)
+    if kivi_bits:
+        A.check_kivi(kivi_bits, kivi_group_size, kivi_residual, _head_dim(model.config))
+    A.check_text("context", context)
     dense = prefill(model, tokenizer, context, system_prompt=system_prompt, progress=progress)
     ctx = dense.compress(keep, budget=budget, scores=scores, head_scores=head_scores, chunk_size=chunk_size,
                          overlap=overlap, slack=slack, progress=progress)

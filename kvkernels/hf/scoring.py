@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 import kvkernels
+from kvkernels import _progress
 
 from .attention import KVZIP_CAPTURE_ATTENTION, ScoreCapture, attention_implementation, capturing_scores
 
@@ -85,18 +86,16 @@ def kvzip_scores(model, prompt, input_ids: torch.Tensor, cache, sink_len: int, c
     bounds = chunk_bounds(sink_len, N, chunk_size)
     capture = ScoreCapture(scores, sink_len)
     decoder = model.get_decoder()  # the base model: no vocabulary projection is needed to score
-    chunks = range(len(bounds))
-    if progress:
-        from tqdm.auto import tqdm
-        chunks = tqdm(chunks, desc="KVzip scoring", unit="chunk")
-    with attention_implementation(model, KVZIP_CAPTURE_ATTENTION), capturing_scores(capture):
-        for t in chunks:
+    bar = _progress.bar(progress, total=N - sink_len, desc=f"KVzip scoring ({len(bounds)} chunks)", unit="tok")
+    with bar, attention_implementation(model, KVZIP_CAPTURE_ATTENTION), capturing_scores(capture):
+        for t in range(len(bounds)):
             ids = reconstruction_input(prompt, input_ids, bounds, t, overlap).expand(B, -1)
             capture.chunk = bounds[t]
             # Every chunk sits right after the whole context, whatever its own place in it.
             positions = torch.arange(N, N + ids.shape[1], device=ids.device)[None].expand(B, -1)
             decoder(input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True)
             cache.crop(-ids.shape[1])
+            bar.update(bounds[t][1] - bounds[t][0])  # context tokens scored: the rate is in tokens/s
     return scores
 
 
