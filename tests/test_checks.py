@@ -155,3 +155,30 @@ def test_env_var_turns_checking_on_for_the_process():
     env = {**os.environ, "KVKERNELS_CHECK": "1", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "caught True", out.stderr[-2000:]
+
+
+# The head-dim limits the README's support matrix states, checked against the ops (shape checks only, on
+# the meta device: no data, no kernels).
+KIVI_VALUE_GROUPS = {64: {32, 64}, 80: set(), 96: {32}, 128: {32, 64, 128}, 256: {32, 64, 128}}
+
+
+@pytest.mark.parametrize("D", sorted(KIVI_VALUE_GROUPS))
+def test_documented_head_dim_limits(D):
+    meta = dict(device="meta")
+    for group in (32, 64, 128):
+        x = torch.empty(1, 1, 128, D, **meta)
+        ok = group in KIVI_VALUE_GROUPS[D]
+        if ok:
+            kvkernels.kivi_quantize(x, 2, group, "value")
+        else:
+            with pytest.raises(ValueError, match=f"D = {D} must be a multiple of group_size = {group}"):
+                kvkernels.kivi_quantize(x, 2, group, "value")
+        kvkernels.kivi_quantize(x, 2, group, "key")  # keys: groups of tokens, any D
+    q = torch.empty(1, 2, 1, D, **meta)
+    pool = torch.empty(10, D, **meta)
+    kvkernels.ragged_attention(q, pool, pool, torch.zeros(1, 1, dtype=torch.int64, **meta),
+                               torch.zeros(1, 1, dtype=torch.int32, **meta))
+    with pytest.raises(ValueError, match="head dim 72"):
+        kvkernels.ragged_attention(torch.empty(1, 2, 1, 72, **meta), torch.empty(10, 72, **meta),
+                                   torch.empty(10, 72, **meta), torch.zeros(1, 1, dtype=torch.int64, **meta),
+                                   torch.zeros(1, 1, dtype=torch.int32, **meta))
