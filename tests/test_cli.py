@@ -56,6 +56,7 @@ BAD_VALUES = [
     (["eval", "--contexts", "0"], "argument --contexts: must be an int >= 1"),
     (["eval", "--context-tokens", "10"], "argument --context-tokens: must be an int >= 128"),
     (["eval", "--name", "a/b"], "argument --name: must be a file name without a folder"),
+    (["eval", "--out", "setup.py"], "argument --out: must be a folder, but 'setup.py' is a file"),
     (["eval", "--threads", "-1"], "argument --threads: must be an int >= 1"),
 ]
 
@@ -142,7 +143,7 @@ def test_makefile_keeps_an_installed_torch_and_asks_for_the_cpu_build_otherwise(
                          cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stderr
     script = out.stdout
-    assert 'if python-under-test -c "import torch"' in script  # an installed torch (CUDA or not) is kept
+    assert 'if python-under-test -c "import torch;' in script  # an installed torch (CUDA or not) is kept
     assert ("torch==2.13.0 --retries 1 --extra-index-url https://download.pytorch.org/whl/cpu" in script)
     assert 'pip install -q --disable-pip-version-check -e ".[test,hf]"' in script
     no_index = subprocess.run(["make", "-n", "torch", "PYTHON=p", "TORCH_INDEX="], capture_output=True, text=True,

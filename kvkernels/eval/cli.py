@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--questions", type=A.int_at_least(1, MAX_QUESTIONS), default=3,
                         help=f"questions per context, 1..{MAX_QUESTIONS}")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated contexts and questions")
-    parser.add_argument("--out", type=Path, default=default_out(),
+    parser.add_argument("--out", type=A.cli_type(Path, _out_folder, "folder"), default=default_out(),
                         help="output folder (created); the default is a fresh ./kvkernels-eval-<date>-<time>, "
                              "never the committed bench/results/quality")
     parser.add_argument("--name", type=A.cli_type(str, _file_stem, "name"), default="results",
@@ -50,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
     parser.add_argument("--threads", type=A.int_at_least(1), default=None,
                         help="torch CPU threads (default: torch's)")
+
+
+def _out_folder(path: Path) -> Path:
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"out must be a folder, but {str(path)!r} is a file")
+    return path
 
 
 def _file_stem(name: str) -> str:
