@@ -1,48 +1,31 @@
 """Progress on stderr for the slow steps of the command-line tools (off with ``--quiet``).
 
-:func:`step` reports one long step without its own progress bar (loading the model): a start line, a
-ticking elapsed time when stderr is a terminal, and the time taken. :func:`bar` is a tqdm bar on stderr,
-or a no-op object when progress is off.
+:func:`step` brackets one long step with a start line and a line with the time it took (the step may
+print its own progress bar in between, as transformers does while it loads a GGUF model); with progress
+off it swallows whatever the step writes to stderr. :func:`bar` is a tqdm bar on stderr, or a no-op
+object when progress is off.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import sys
-import threading
 import time
-from typing import Iterator, Optional, TextIO
+from typing import Iterator
 
 
 @contextlib.contextmanager
-def step(desc: str, enabled: bool = True, stream: Optional[TextIO] = None, tick_s: float = 1.0) -> Iterator[None]:
-    """``desc ...`` now, the elapsed seconds every ``tick_s`` on a terminal, ``desc: N.N s`` at the end."""
+def step(desc: str, enabled: bool = True) -> Iterator[None]:
+    """``desc ...`` on stderr now and ``desc: N.N s`` when the block ends; silent when not ``enabled``."""
     if not enabled:
-        yield
+        with contextlib.redirect_stderr(io.StringIO()):  # e.g. third-party progress bars
+            yield
         return
-    stream = stream if stream is not None else sys.stderr
     t0 = time.perf_counter()
-    live = hasattr(stream, "isatty") and stream.isatty()
-    stop = threading.Event()
-    stream.write(f"{desc} ..." + ("" if live else "\n"))
-    stream.flush()
-    ticker = None
-    if live:
-        def tick():
-            while not stop.wait(tick_s):
-                stream.write(f"\r{desc} ... {time.perf_counter() - t0:.0f} s")
-                stream.flush()
-        ticker = threading.Thread(target=tick, daemon=True)
-        ticker.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        if ticker is not None:
-            ticker.join()
-        done = f"{desc}: {time.perf_counter() - t0:.1f} s"
-        stream.write(f"\r{done}\033[K\n" if live else done + "\n")  # \033[K clears the ticking text
-        stream.flush()
+    print(f"{desc} ...", file=sys.stderr, flush=True)
+    yield
+    print(f"{desc}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
 
 class _NoBar:

@@ -148,8 +148,6 @@ def run_demo(people: int = 16, keep: float = 0.3, questions: int = 4, max_new_to
         model, tokenizer = model_and_tokenizer
     else:
         with _progress.step("loading SmolLM2-135M-Instruct (about 25 s on 2 CPU cores)", not quiet):
-            from transformers.utils import logging as hf_logging
-            hf_logging.disable_progress_bar()  # this step's own line reports the load (bars would interleave)
             model, tokenizer = load_smollm2(device=device)
     backend = "Triton kernels" if model.device.type == "cuda" else "reference (PyTorch) ops"
     print(f"model loaded in {time.perf_counter() - t0:.1f} s on {model.device} ({model.dtype}); "

@@ -162,3 +162,26 @@ def test_demo_rejects_bad_values_before_loading(monkeypatch):
                             (dict(questions=0), "questions must be"), (dict(kivi_residual=40), "kivi_residual")):
         with pytest.raises(ValueError, match=message):
             demo.run_demo(**kwargs)
+
+
+def test_demo_progress_goes_to_stderr_and_quiet_silences_it(tiny, capsys):
+    from kvkernels import _progress, demo
+    import io
+
+    model, tok = tiny
+    model.generation_config.eos_token_id = VOCAB - 1
+    kwargs = dict(people=2, questions=1, max_new_tokens=2, kivi_bits=0, model_and_tokenizer=(model, tok))
+    capsys.readouterr()
+    demo.run_demo(out=io.StringIO(), quiet=True, **kwargs)
+    assert capsys.readouterr().err == ""
+    demo.run_demo(out=io.StringIO(), quiet=False, **kwargs)
+    err = capsys.readouterr().err
+    for step in ("prefill", "KVzip scoring (1 chunks)", "tok/s", "answers"):
+        assert step in err, (step, err)
+    with _progress.step("loading", enabled=True):
+        pass
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "loading ..." and lines[1].startswith("loading: ") and lines[1].endswith(" s")
+    with _progress.step("loading", enabled=False):
+        print("a third-party bar", file=__import__("sys").stderr)
+    assert capsys.readouterr().err == ""
