@@ -6,7 +6,13 @@ setup(
     description="Triton/CuPy kernels for KV-cache compression (KVzip, KIVI, GEAR) as torch.library ops",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.10",  # tested with 3.11.7 and torch 2.13.0 (CPU build); see the README's support matrix
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Operating System :: POSIX :: Linux",
+    ],
     packages=find_packages(include=["kvkernels", "kvkernels.*"]) + ["kvkernels.reference", "autotune"],
     # The references live in the top-level reference/ folder but install under the kvkernels namespace.
     package_dir={"kvkernels.reference": "reference"},
