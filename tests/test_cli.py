@@ -149,3 +149,15 @@ def test_makefile_keeps_an_installed_torch_and_asks_for_the_cpu_build_otherwise(
     no_index = subprocess.run(["make", "-n", "torch", "PYTHON=p", "TORCH_INDEX="], capture_output=True, text=True,
                               cwd=ROOT, timeout=60).stdout
     assert "torch==2.13.0" in no_index and "--extra-index-url" not in no_index
+
+
+def test_import_kvkernels_is_lazy_without_torch_and_registers_the_ops_on_first_use():
+    code = ("import sys, kvkernels\n"
+            "assert 'torch' not in sys.modules\n"
+            "kvkernels.ragged_attention\n"
+            "import torch\n"
+            "assert all(hasattr(torch.ops.kvkernels, n) for n in ('topk_mask', 'ragged_attention', 'compact_kv'))\n"
+            "assert 'triton' not in sys.modules and 'cupy' not in sys.modules\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=ENV)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]
