@@ -309,9 +309,6 @@ class CompressedContext:
         """
         from .kivi import KiviPoolCache
 
-        A.check_kivi(bits, group_size, residual, self.pool.k_pool.shape[1])
-        if slack is not None:
-            A.check_int("slack", slack, 0)
         if slack is None:
             slack = int((self.pool.seg_cap - self.cache._saved_seg_len).min())
         cache = KiviPoolCache(self.pool, self.num_tokens, bits, group_size, residual, slack)
