@@ -14,8 +14,7 @@ pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from kvkernels.hf import compress, pipeline, prefill  # noqa: E402
-
-VOCAB = 300
+from test_hf import VOCAB, CharTokenizer  # noqa: E402  (the tiny model's stand-in tokenizer)
 
 
 class UntouchableModel:
@@ -25,19 +24,6 @@ class UntouchableModel:
 
     def __getattr__(self, name):
         raise AssertionError(f"model.{name} used before the arguments were checked")
-
-
-class CharTokenizer:
-    eos_token_id = VOCAB - 1
-    chat_template = None
-
-    def __call__(self, text, add_special_tokens=False):
-        class Encoding:
-            input_ids = [ord(c) % (VOCAB - 2) for c in text]
-        return Encoding()
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(65 + i % 26) for i in ids)
 
 
 BAD_COMPRESS = [
