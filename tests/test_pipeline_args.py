@@ -171,3 +171,22 @@ def test_demo_progress_goes_to_stderr_and_quiet_silences_it(tiny, capsys):
     with _progress.step("loading", enabled=False):
         print("a third-party bar", file=__import__("sys").stderr)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("keep,what", [(1.0, "everything kept"), (0.0, "only the sink kept")])
+def test_demo_keep_1_and_0_run_without_scoring(tiny, monkeypatch, keep, what):
+    from kvkernels import demo
+    import io
+
+    model, tok = tiny
+    model.generation_config.eos_token_id = VOCAB - 1
+    monkeypatch.setattr(pipeline, "kvzip_scores", lambda *a, **k: pytest.fail("the KVzip scoring pass ran"))
+    out = io.StringIO()
+    result = demo.run_demo(people=2, questions=1, max_new_tokens=2, keep=keep, kivi_bits=0,
+                           model_and_tokenizer=(model, tok), out=out, quiet=True)
+    assert f"(keep {keep:g}: {what}, no scoring needed)" in out.getvalue()
+    small = result["variants"][f"KVzip keep {keep:g}"]
+    if keep == 1.0:
+        assert small["bytes"] == result["dense_bytes"]
+    else:  # the stand-in tokenizer has no chat template, so the sink is empty and nothing is kept
+        assert small["bytes"] == 0 and len(small["answers"]) == 1
