@@ -109,6 +109,10 @@ class RaggedPoolCache(Cache):
     construction (or by :meth:`checkpoint`), dropping questions and answers appended since.
     """
 
+    # Its decode step compiles once (CompressedContext.compile checks this): nothing Python-visible changes
+    # per token or on rollback; appends and rollbacks only write pool.seg_len.
+    compiles_once = True
+
     def __init__(self, pool: Pool, logical_len: int):
         self.pool = pool
         self.checkpoint_len = int(logical_len)
