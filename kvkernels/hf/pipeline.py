@@ -136,6 +136,17 @@ def compiled_decode_step(backend="inductor", mode: Optional[str] = None) -> Deco
     return torch.compile(decode_step, backend=backend, mode=mode, fullgraph=True)
 
 
+def cuda_graph_step(step: DecodeStep) -> DecodeStep:
+    """``step`` compiled with ``mode="reduce-overhead"``, marked as a new CUDA-graph replay per token (the
+    previous token's outputs were already read, so the graph may overwrite them)."""
+
+    def graph_step(*args):
+        torch.compiler.cudagraph_mark_step_begin()
+        return step(*args)
+
+    return graph_step
+
+
 def _prepare_static_pool(cache) -> None:
     """Mark a pool cache's tensors as fixed addresses (CUDA graphs then neither copy nor re-record them).
 
@@ -360,16 +371,7 @@ class CompressedContext:
             self.compile()
         if compiled is False or self._step is None:
             return None
-        if self._step_mode != "reduce-overhead":
-            return self._step
-        step = self._step
-
-        def graph_step(*args):
-            # Each token is a new CUDA-graph replay: the previous step's outputs were already read.
-            torch.compiler.cudagraph_mark_step_begin()
-            return step(*args)
-
-        return graph_step
+        return cuda_graph_step(self._step) if self._step_mode == "reduce-overhead" else self._step
 
     def _decode_scope(self, step: Optional[DecodeStep]):
         """On CUDA, compiled: fixed pool addresses and no overflow-check sync per append (graph-safe)."""
