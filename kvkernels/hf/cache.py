@@ -124,6 +124,11 @@ class RaggedPoolCache(Cache):
     def batch_size(self) -> int:
         return self.pool.seg_start.shape[1]
 
+    def static_tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor a decode step reads or writes in place: the compiled path on CUDA marks them as fixed
+        addresses for CUDA graphs (valid until :meth:`reserve` re-lays out the pool)."""
+        return tuple(self.pool)
+
     def checkpoint(self) -> None:
         """Make the current contents the state :meth:`rollback` returns to."""
         self.checkpoint_len = self.layers[0].get_seq_length()

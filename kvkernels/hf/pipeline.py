@@ -148,15 +148,14 @@ def cuda_graph_step(step: DecodeStep) -> DecodeStep:
 
 
 def _prepare_static_pool(cache) -> None:
-    """Mark a pool cache's tensors as fixed addresses (CUDA graphs then neither copy nor re-record them).
+    """Mark a cache's tensors (``cache.static_tensors()``) as fixed addresses: CUDA graphs then neither copy
+    them in per replay nor refuse the step for mutating its inputs (appends write them in place).
 
     ``guard=False``: another pool (another context) of the same shapes reuses the compiled graph; the
     CUDA graph is then re-recorded for its addresses instead of dynamo recompiling.
     """
-    pool = getattr(cache, "pool", None)
-    if pool is not None:
-        for t in pool:
-            torch._dynamo.mark_static_address(t, guard=False)
+    for t in cache.static_tensors():
+        torch._dynamo.mark_static_address(t, guard=False)
 
 
 @torch.no_grad()
