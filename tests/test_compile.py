@@ -93,6 +93,21 @@ def test_decode_step_compiles_once_across_answers_rollback_and_contexts(tiny):
     assert counter.op_count > 0
 
 
+def test_other_pool_sizes_compile_once_more_then_never(tiny):
+    """A pool of another row count compiles a second graph with the row count dynamic; later sizes reuse it."""
+    model, tok = tiny
+    dense = prefill(model, tok, CONTEXT)
+    counter = CompileCounter()
+    frames, rows = [], set()
+    for keep in (0.3, 0.5, 0.8):
+        scores = torch.rand(2, 2, dense.num_tokens - dense.sink_len)
+        ctx = dense.compress(scores=scores, keep=keep, slack=32).compile(backend=counter)
+        ctx.answer(QUESTIONS[0], max_new_tokens=4)
+        frames.append(counter.frame_count)
+        rows.add(ctx.pool.k_pool.shape[0])
+    assert len(rows) == 3 and frames == [1, 2, 2]
+
+
 def test_compiled_step_under_aot_eager_matches_eager(tiny):
     """AOT autograd functionalizes the in-place append (k_pool, v_pool, seg_len): the pool it leaves must be
     the eager one, token for token."""

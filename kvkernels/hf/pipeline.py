@@ -131,7 +131,8 @@ def compiled_decode_step(backend="inductor", mode: Optional[str] = None) -> Deco
     the same shapes reuses the first compilation. Over a kvkernels pool cache (attention
     ``"kvkernels_ragged"``) nothing a guard reads changes per token or after a rollback (the lengths live
     in ``pool.seg_len``), so it compiles once; a new pool shape (another kept-row count, ``reserve``
-    growing the pool) compiles once more.
+    growing the pool) compiles once more, with the row count dynamic from then on (dynamo's automatic
+    dynamic shapes), so further sizes reuse it.
     """
     return torch.compile(decode_step, backend=backend, mode=mode, fullgraph=True)
 
