@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()  # a shared machine makes per-step timings noisy: record how busy it was
     from kvkernels.hf import load_smollm2
 
     model, tok = load_smollm2(device="cpu")
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
     result = {
         "rows": rows, "ratios": r, "checks": checks(rows, r), "questions": questions,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "threads": torch.get_num_threads(),
+                    "threads": torch.get_num_threads(), "load_average_before_after": [load_before, os.getloadavg()],
                     "kvkernels_backend": os.environ.get("KVKERNELS_BACKEND", "auto")},
         "versions": versions(), "command": command_line(),
     }
@@ -75,7 +76,8 @@ def main(argv=None) -> int:
           table(rows), "", *(f"- {k}: {v:.3f}" for k, v in r.items()),
           *(f"- check: {k}: {'PASS' if v else 'FAIL'}" for k, v in result["checks"].items()), "",
           f"`{result['command']}`; torch {torch.__version__}, {result['machine']['cores']} cores, "
-          f"{result['machine']['threads']} threads"]
+          f"{result['machine']['threads']} threads, load average {load_before[0]:.1f} before / "
+          f"{os.getloadavg()[0]:.1f} after"]
     args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
