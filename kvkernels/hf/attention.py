@@ -8,9 +8,14 @@ Two implementations are registered (names in :data:`RAGGED_ATTENTION` and :data:
   hands itself to the attention call that follows (see :func:`hand_off`), which calls its ``attend``;
   transformers passes no cache to attention functions, and the modeling code calls ``update`` and then
   the attention function back to back, so a per-thread hand-off is exact and needs no extra kwargs
-  (``model.generate(past_key_values=cache)`` works unchanged). Its mask function returns ``None`` on
-  purpose: ``ragged_attention`` is bottom-right causal per segment by itself, and a dense mask would
-  have the logical, not the physical, length. Padding masks are therefore not supported.
+  (``model.generate(past_key_values=cache)`` works unchanged). It has no mask function on purpose:
+  ``ragged_attention`` is bottom-right causal per segment by itself, and a dense mask would have the
+  logical, not the physical, length. With no mask function registered, transformers' mask preparation
+  returns ``None`` before it asks the cache anything (``_preprocess_mask_arguments``' early exit), so a
+  decode step reads no length from the cache: under ``torch.compile`` nothing that grows per token is
+  guarded on, and the step compiles once (see :mod:`kvkernels.hf.cache`). Padding masks are therefore
+  not supported. A compiled step must also get ``position_ids`` (the pipeline always passes them):
+  without them the model derives positions from ``get_seq_length()``, a host read of the pool lengths.
 * ``kvkernels_kvzip_capture`` is plain SDPA attention that also feeds the post-RoPE queries and keys of
   each layer to the active :class:`ScoreCapture` (KVzip's reconstruction scoring). It is registered with
   SDPA's mask function: an attention function without a matching mask function silently gets no causal
@@ -70,11 +75,6 @@ def ragged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     return out.transpose(1, 2).contiguous(), None
 
 
-def no_dense_mask(*args, **kwargs) -> None:
-    """Mask function of the ragged attention: none is needed (causality is per segment inside the op)."""
-    return None
-
-
 class ScoreCapture:
     """Accumulates KVzip scores of one reconstruction chunk, layer by layer, during a capture forward.
 
@@ -125,9 +125,10 @@ def capturing_scores(capture: ScoreCapture) -> Iterator[ScoreCapture]:
 
 
 def register_attention_functions() -> None:
-    """Register both implementations and their mask functions (idempotent; done on import)."""
+    """Register both implementations (idempotent; done on import). Only the capture attention gets a mask
+    function: registering one for the ragged attention, even a no-op, would make transformers ask the
+    cache for its length on every forward (a new constant per token under torch.compile)."""
     AttentionInterface.register(RAGGED_ATTENTION, ragged_attention_forward)
-    AttentionMaskInterface.register(RAGGED_ATTENTION, no_dense_mask)
     AttentionInterface.register(KVZIP_CAPTURE_ATTENTION, kvzip_capture_attention_forward)
     AttentionMaskInterface.register(KVZIP_CAPTURE_ATTENTION, sdpa_mask)
 

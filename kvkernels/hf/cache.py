@@ -38,7 +38,6 @@ class RaggedPoolLayer(CacheLayerMixin):
         super().__init__()
         self.owner = owner
         self.layer_idx = layer_idx
-        self.appended = 0  # tokens appended since the checkpoint (same count in every segment)
         self.is_initialized = True
 
     @property
@@ -51,8 +50,9 @@ class RaggedPoolLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append in place, hand the segment table to the attention call, return the pool tensors."""
         pool = self.pool
+        # Per-token state lives in pool.seg_len only: no Python attribute changes here, so torch.compile
+        # has nothing to guard on that grows with the answer (see appended_tokens).
         kvkernels.ragged_append(pool, self.layer_idx, key_states.contiguous(), value_states.contiguous())
-        self.appended += key_states.shape[2]
         self.handoff_key = pool.k_pool
         hand_off(self)
         return pool.k_pool, pool.v_pool
@@ -63,8 +63,21 @@ class RaggedPoolLayer(CacheLayerMixin):
         return kvkernels.ragged_attention(query, pool.k_pool, pool.v_pool, pool.seg_start[layer], pool.seg_len[layer],
                                           sm_scale=scaling)
 
+    def appended_tokens(self) -> int:
+        """Tokens appended since the checkpoint (same count in every segment of the layer).
+
+        Derived from the tensors (live length minus the checkpoint's, first segment), not kept in a Python
+        counter: a counter bumped in ``update`` would be a new constant for torch.compile on every token.
+        One host read; transformers calls it only outside the decode step (``generate`` once per call; the
+        mask preparation never, see :mod:`kvkernels.hf.attention`).
+        """
+        layer = self.layer_idx
+        live = self.pool.seg_len[layer].reshape(-1)[0]
+        return int(live - self.owner._saved_seg_len[layer].reshape(-1)[0])
+
     def get_seq_length(self) -> int:
-        return self.owner.checkpoint_len + self.appended
+        """Logical length: the tokens the context was compressed from + tokens appended since."""
+        return self.owner.checkpoint_len + self.appended_tokens()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -76,11 +89,10 @@ class RaggedPoolLayer(CacheLayerMixin):
         """Drop the last ``-tokens_to_remove`` appended tokens (never the compressed context)."""
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative count of tokens to remove")
-        n = -tokens_to_remove
-        if n > self.appended:
-            raise ValueError(f"cannot crop {n} tokens: only {self.appended} were appended since the checkpoint")
+        n, appended = -tokens_to_remove, self.appended_tokens()
+        if n > appended:
+            raise ValueError(f"cannot crop {n} tokens: only {appended} were appended since the checkpoint")
         self.pool.seg_len[self.layer_idx] -= n
-        self.appended -= n
 
     def reset(self) -> None:
         raise NotImplementedError("a RaggedPoolCache cannot be reset; use rollback() to return to the checkpoint")
@@ -97,6 +109,10 @@ class RaggedPoolCache(Cache):
     construction (or by :meth:`checkpoint`), dropping questions and answers appended since.
     """
 
+    # Its decode step compiles once (CompressedContext.compile checks this): nothing Python-visible changes
+    # per token or on rollback; appends and rollbacks only write pool.seg_len.
+    compiles_once = True
+
     def __init__(self, pool: Pool, logical_len: int):
         self.pool = pool
         self.checkpoint_len = int(logical_len)
@@ -108,18 +124,19 @@ class RaggedPoolCache(Cache):
     def batch_size(self) -> int:
         return self.pool.seg_start.shape[1]
 
+    def static_tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor a decode step reads or writes in place: the compiled path on CUDA marks them as fixed
+        addresses for CUDA graphs (valid until :meth:`reserve` re-lays out the pool)."""
+        return tuple(self.pool)
+
     def checkpoint(self) -> None:
         """Make the current contents the state :meth:`rollback` returns to."""
         self.checkpoint_len = self.layers[0].get_seq_length()
         self._saved_seg_len = self.pool.seg_len.clone()
-        for layer in self.layers:
-            layer.appended = 0
 
     def rollback(self) -> None:
         """Forget every token appended since the checkpoint (a length reset: no copy, no reallocation)."""
         self.pool.seg_len.copy_(self._saved_seg_len)
-        for layer in self.layers:
-            layer.appended = 0
 
     def free_rows(self) -> int:
         """The fewest free slack rows over all segments: how many tokens can still be appended."""

@@ -18,9 +18,11 @@ The sink is never evicted. ``keep`` is the fraction of context KV pairs KEPT (KV
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from transformers import DynamicCache
@@ -109,6 +111,7 @@ class Answer:
     decode_seconds: float  # the remaining steps, one token each
     stopped_at_eos: bool = False
     decode_steps: int = field(default=0)
+    step_seconds: list[float] = field(default_factory=list)  # each one-token step (host read included)
 
     @property
     def seconds_per_token(self) -> float:
@@ -131,13 +134,71 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def decode_step(model, cache, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """One greedy decode step: the next token id [1, 1] after ``token`` [1, 1] at RoPE ``position`` [1, 1].
+
+    The unit that :func:`compiled_decode_step` compiles: positions come in explicitly and the argmax is
+    inside, so the step reads nothing from ``cache`` on the host and returns one id, not the logits.
+    """
+    logits = model(input_ids=token, past_key_values=cache, position_ids=position, use_cache=True,
+                   logits_to_keep=1).logits
+    return logits[:, -1].argmax(-1, keepdim=True)
+
+
+DecodeStep = Callable[[torch.nn.Module, object, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def default_compile_mode(device: torch.device) -> Optional[str]:
+    """``"reduce-overhead"`` (CUDA graphs) on CUDA, Inductor's default mode elsewhere."""
+    return "reduce-overhead" if torch.device(device).type == "cuda" else None
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_decode_step(backend="inductor", mode: Optional[str] = None) -> DecodeStep:
+    """:func:`decode_step` under ``torch.compile(fullgraph=True)``, one shared callable per (backend, mode).
+
+    Sharing matters: dynamo keeps its compiled graphs per function, so every context, answer and cache of
+    the same shapes reuses the first compilation. Over a kvkernels pool cache (attention
+    ``"kvkernels_ragged"``) nothing a guard reads changes per token or after a rollback (the lengths live
+    in ``pool.seg_len``), so it compiles once; a new pool shape (another kept-row count, ``reserve``
+    growing the pool) compiles once more, with the row count dynamic from then on (dynamo's automatic
+    dynamic shapes), so further sizes reuse it.
+    """
+    return torch.compile(decode_step, backend=backend, mode=mode, fullgraph=True)
+
+
+def cuda_graph_step(step: DecodeStep) -> DecodeStep:
+    """``step`` compiled with ``mode="reduce-overhead"``, marked as a new CUDA-graph replay per token (the
+    previous token's outputs were already read, so the graph may overwrite them)."""
+
+    def graph_step(*args):
+        torch.compiler.cudagraph_mark_step_begin()
+        return step(*args)
+
+    return graph_step
+
+
+def _prepare_static_pool(cache) -> None:
+    """Mark a cache's tensors (``cache.static_tensors()``) as fixed addresses: CUDA graphs then neither copy
+    them in per replay nor refuse the step for mutating its inputs (appends write them in place).
+
+    ``guard=False``: another pool (another context) of the same shapes reuses the compiled graph; the
+    CUDA graph is then re-recorded for its addresses instead of dynamo recompiling.
+    """
+    for t in cache.static_tensors():
+        torch._dynamo.mark_static_address(t, guard=False)
+
+
 @torch.no_grad()
 def greedy_answer(model, tokenizer, cache, prompt_ids: torch.Tensor, start_position: int,
-                  max_new_tokens: int) -> Answer:
+                  max_new_tokens: int, step: Optional[DecodeStep] = None) -> Answer:
     """Greedy decoding of ``prompt_ids`` [n] over ``cache``; RoPE positions start at ``start_position``.
 
-    The cache is left holding the prompt and answer (the caller rolls it back).
+    The prompt runs eagerly in one forward; each later token runs ``step`` (default :func:`decode_step`,
+    eager; pass :func:`compiled_decode_step`'s result for the compiled path). The cache is left holding
+    the prompt and answer (the caller rolls it back).
     """
+    step = step or decode_step
     device = model.device
     eos = _eos_ids(model, tokenizer)
     ids = prompt_ids.to(device)[None]
@@ -150,7 +211,7 @@ def greedy_answer(model, tokenizer, cache, prompt_ids: torch.Tensor, start_posit
     token = int(logits[0, -1].argmax())
     _sync(device)
     t1 = time.perf_counter()
-    tokens, steps, stopped = [], 0, False
+    tokens, step_seconds, stopped = [], [], False
     position = start_position + n
     while True:
         if token in eos:
@@ -159,16 +220,16 @@ def greedy_answer(model, tokenizer, cache, prompt_ids: torch.Tensor, start_posit
         tokens.append(token)
         if len(tokens) >= max_new_tokens:
             break
-        step = torch.tensor([[token]], device=device)
-        logits = model(input_ids=step, past_key_values=cache, position_ids=torch.tensor([[position]], device=device),
-                       use_cache=True).logits
-        token = int(logits[0, -1].argmax())  # the host read is what greedy decoding needs anyway
+        s0 = time.perf_counter()
+        next_id = step(model, cache, torch.tensor([[token]], device=device),
+                       torch.tensor([[position]], device=device))
+        token = int(next_id)  # the host read (a sync) is what greedy decoding needs anyway
+        step_seconds.append(time.perf_counter() - s0)
         position += 1
-        steps += 1
     _sync(device)
     t2 = time.perf_counter()
     text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-    return Answer(text, tokens, n, t1 - t0, t2 - t1, stopped, steps)
+    return Answer(text, tokens, n, t1 - t0, t2 - t1, stopped, len(step_seconds), step_seconds)
 
 
 class DenseContext:
@@ -275,6 +336,8 @@ class CompressedContext:
         self.kivi_bits = kivi_bits
         self._dense_bytes = dense_bytes
         self._kept_rows = kept_rows
+        self._step: Optional[DecodeStep] = None  # set by compile()
+        self._step_mode: Optional[str] = None
 
     @property
     def pool(self) -> kvkernels.Pool:
@@ -315,14 +378,58 @@ class CompressedContext:
         return CompressedContext(self.model, self.tokenizer, self.prompt, cache, self.sink_len, self.keep,
                                  self.budget, self._dense_bytes, self._kept_rows, kivi_bits=bits)
 
-    def answer(self, question: str, max_new_tokens: int = 64, answer_prefix: str = "") -> Answer:
-        """Greedy answer over the compressed pool; the pool is rolled back afterwards, even on error."""
+    def compile(self, backend="inductor", mode: Optional[str] = "auto") -> "CompressedContext":
+        """Decode later answers with the compiled one-token step (:func:`compiled_decode_step`); returns self.
+
+        The question (prompt) still runs eagerly; each answer token then runs one compiled graph over the
+        pool, compiled on the first token and reused for every later token, answer (after the rollback)
+        and context of the same pool shapes. ``mode="auto"``: ``"reduce-overhead"`` (CUDA graphs, with the
+        ops' deferred overflow checks) on CUDA, Inductor's default on CPU; ``backend`` as in
+        ``torch.compile`` (``"eager"``/``"aot_eager"`` check tracing without Inductor's code generation).
+        """
+        if not getattr(self.cache, "compiles_once", False):
+            raise ValueError(f"compile() needs a cache whose decode step compiles once (compiles_once = True); "
+                             f"{type(self.cache).__name__} is not one yet: answer without compile()")
+        if mode == "auto":
+            mode = default_compile_mode(self.model.device)
+        self._step, self._step_mode = compiled_decode_step(backend, mode), mode
+        return self
+
+    @property
+    def compiled(self) -> bool:
+        """Whether answers decode with the compiled step (see :meth:`compile`)."""
+        return self._step is not None
+
+    def _decode_step(self, compiled: Optional[bool]) -> Optional[DecodeStep]:
+        if compiled and self._step is None:
+            self.compile()
+        if compiled is False or self._step is None:
+            return None
+        return cuda_graph_step(self._step) if self._step_mode == "reduce-overhead" else self._step
+
+    def _decode_scope(self, step: Optional[DecodeStep]):
+        """On CUDA, compiled: fixed pool addresses and no overflow-check sync per append (graph-safe)."""
+        if step is None or self.model.device.type != "cuda":
+            return contextlib.nullcontext()
+        _prepare_static_pool(self.cache)
+        return kvkernels.deferred_overflow_checks()
+
+    def answer(self, question: str, max_new_tokens: int = 64, answer_prefix: str = "",
+               compiled: Optional[bool] = None) -> Answer:
+        """Greedy answer over the compressed pool; the pool is rolled back afterwards, even on error.
+
+        ``compiled``: None follows :meth:`compile` (eager until it is called), True decodes with the
+        compiled step (calling :meth:`compile` with its defaults if needed), False eagerly. The first
+        compiled answer also pays the compilation, visible in its ``step_seconds[0]``.
+        """
         _check_question_args(question, max_new_tokens, answer_prefix)
         ids = self.prompt.question_ids(question, answer_prefix)
+        step = self._decode_step(compiled)
         self.cache.reserve(ids.numel() + max_new_tokens)
         try:
-            with attention_implementation(self.model, RAGGED_ATTENTION):
-                return greedy_answer(self.model, self.tokenizer, self.cache, ids, self.num_tokens, max_new_tokens)
+            with attention_implementation(self.model, RAGGED_ATTENTION), self._decode_scope(step):
+                return greedy_answer(self.model, self.tokenizer, self.cache, ids, self.num_tokens, max_new_tokens,
+                                     step=step)
         finally:
             self.cache.rollback()
 
@@ -362,7 +469,7 @@ def compress(model, tokenizer, context: str, keep: Optional[float] = None, *,
              scores: Optional[torch.Tensor] = None, head_scores: Optional[torch.Tensor] = None,
              system_prompt: Optional[str] = None, chunk_size: int = 2048, overlap: int = 8, slack: int = 256,
              kivi_bits: Optional[int] = None, kivi_group_size: int = 32, kivi_residual: int = 128,
-             progress: bool = False) -> CompressedContext:
+             progress: bool = False, compile: bool = False) -> CompressedContext:
     """Prefill ``context``, score it with KVzip, evict, and return a :class:`CompressedContext` to ask.
 
     Args:
@@ -382,6 +489,8 @@ def compress(model, tokenizer, context: str, keep: Optional[float] = None, *,
         kivi_bits: 2 or 4 to also KIVI-quantize the kept KV pairs (see :meth:`CompressedContext.quantize`;
             ``kivi_group_size`` and ``kivi_residual`` are KIVI's group size and full-precision window).
         progress: tqdm progress bars (stderr) for the prefill and the scoring, in tokens/s.
+        compile: decode answers with the compiled one-token step (:meth:`CompressedContext.compile` with
+            its defaults: Inductor, CUDA graphs on CUDA). Not yet with ``kivi_bits``.
 
     Every argument is checked before any model work (``ValueError``/``TypeError`` naming it).
     """
@@ -392,7 +501,9 @@ def compress(model, tokenizer, context: str, keep: Optional[float] = None, *,
     dense = prefill(model, tokenizer, context, system_prompt=system_prompt, progress=progress)
     ctx = dense.compress(keep, budget=budget, scores=scores, head_scores=head_scores, chunk_size=chunk_size,
                          overlap=overlap, slack=slack, progress=progress)
-    return ctx.quantize(kivi_bits, kivi_group_size, kivi_residual) if kivi_bits else ctx
+    if kivi_bits:
+        ctx = ctx.quantize(kivi_bits, kivi_group_size, kivi_residual)
+    return ctx.compile() if compile else ctx
 
 
 def head_level_scores(model, tokenizer, context: str, *, system_prompt: Optional[str] = None,
