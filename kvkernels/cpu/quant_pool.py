@@ -33,12 +33,13 @@ def _quantized_rows(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, start, n
     """Dequantized keys and values [S, n, D] of rows start .. start + n of each segment (n % GS == 0)."""
     F = 32 // bits
     D = k_codes.shape[1]
-    words = (start // F)[:, None] + torch.arange(n // F)  # key words, packed along rows
-    groups = (start // group_size)[:, None] + torch.arange(n // group_size)
+    # Segments shorter than n read past their own rows (masked by the caller); clamp to stay in the buffers.
+    words = ((start // F)[:, None] + torch.arange(n // F)).clamp_(max=k_codes.shape[0] - 1)
+    groups = ((start // group_size)[:, None] + torch.arange(n // group_size)).clamp_(max=k_scale.shape[0] - 1)
     S = start.numel()
     k = _unpack(k_codes[words], bits, 1).view(S, n // group_size, group_size, D).float()
     k = (k * k_scale[groups].float()[:, :, None] + k_zero[groups].float()[:, :, None]).view(S, n, D)
-    rows = start[:, None] + torch.arange(n)
+    rows = (start[:, None] + torch.arange(n)).clamp_(max=v_codes.shape[0] - 1)
     v = _unpack(v_codes[rows], bits, 2).view(S, n, D // group_size, group_size).float()
     v = (v * v_scale[rows].float()[..., None] + v_zero[rows].float()[..., None]).view(S, n, D)
     # Round to the storage dtype like kivi_dequantize, so results equal the reference's.

@@ -28,7 +28,24 @@ from kvkernels.api import Pool
 from .attention import hand_off
 
 
-class RaggedPoolLayer(CacheLayerMixin):
+class PoolLayerLengths:
+    """The length queries transformers asks of a pool layer (shared by the fp and the quantized pool layers).
+
+    The logical length is the checkpoint's (``owner.checkpoint_len``) plus the tokens this layer appended
+    since (``self.appended``); there is no maximum length.
+    """
+
+    def get_seq_length(self) -> int:
+        return self.owner.checkpoint_len + self.appended
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class RaggedPoolLayer(PoolLayerLengths, CacheLayerMixin):
     """One model layer's view of a shared :class:`kvkernels.Pool` (segments ``pool.seg_*[layer_idx]``)."""
 
     is_sliding = False
@@ -62,15 +79,6 @@ class RaggedPoolLayer(CacheLayerMixin):
         pool, layer = self.pool, self.layer_idx
         return kvkernels.ragged_attention(query, pool.k_pool, pool.v_pool, pool.seg_start[layer], pool.seg_len[layer],
                                           sm_scale=scaling)
-
-    def get_seq_length(self) -> int:
-        return self.owner.checkpoint_len + self.appended
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` appended tokens (never the compressed context)."""

@@ -346,32 +346,33 @@ def _qp_append_kernel(
     else:
         n_groups = max_groups
     for gi in range(0, n_groups):
-        # "group gi is flushed" folded into the masks' bounds (the interpreter mishandles vector & scalar masks)
-        live_d = tl.where(gi * GROUP < nf, D, 0)
-        r = gi * GROUP + tl.arange(0, GROUP)
-        row = qrow0 + r  # int64
-        # keys: per channel over the group's rows
-        x = _pending_tile(kt_base, kn_base, r, nf, d, head, tail, TC, st_t, skn_t, skn_d, D)
-        xf = x.to(tl.float32)
-        scale, zero = _stored_scale_zero(tl.min(xf, axis=0), tl.max(xf, axis=0), LEVELS, x.dtype)
-        codes = _group_codes(xf, scale[None, :], zero[None, :], LEVELS)
-        g_row = (qrow0 // GROUP) + gi
-        tl.store(ks_ptr + g_row * D + d, scale.to(x.dtype), mask=d < live_d)
-        tl.store(kz_ptr + g_row * D + d, zero.to(x.dtype), mask=d < live_d)
-        words = _pack_first_axis(codes, GROUP, BLOCK_D, BITS, F)
-        w_row = (qrow0 + gi * GROUP) // F + tl.arange(0, WPG)
-        tl.store(kc_ptr + w_row[:, None] * D + d[None, :], words, mask=(d < live_d)[None, :])
-        # values: per row over channel groups
-        y = _pending_tile(vt_base, vn_base, r, nf, d, head, tail, TC, st_t, svn_t, svn_d, D)
-        y3 = tl.reshape(y.to(tl.float32), (GROUP, NGP, GROUP))
-        vscale, vzero = _stored_scale_zero(tl.min(y3, axis=2), tl.max(y3, axis=2), LEVELS, y.dtype)
-        vcodes = _group_codes(y3, vscale[:, :, None], vzero[:, :, None], LEVELS)
-        g_mask = (gidx < live_d // GROUP)[None, :] & (r < nf)[:, None]
-        g_off = row[:, None] * (D // GROUP) + gidx[None, :]
-        tl.store(vs_ptr + g_off, vscale.to(y.dtype), mask=g_mask)
-        tl.store(vz_ptr + g_off, vzero.to(y.dtype), mask=g_mask)
-        vwords = _pack_last_axis(tl.reshape(vcodes, (GROUP, BLOCK_D)), GROUP, BLOCK_D, BITS, F)
-        tl.store(vc_ptr + row[:, None] * (D // F) + widx[None, :], vwords, mask=(widx < live_d // F)[None, :] & (r < nf)[:, None])
+        if gi * GROUP < nf:  # always true on the GPU path; skips dead groups under the interpreter
+            # "group gi is flushed" folded into the masks' bounds (the interpreter mishandles vector & scalar masks)
+            live_d = tl.where(gi * GROUP < nf, D, 0)
+            r = gi * GROUP + tl.arange(0, GROUP)
+            row = qrow0 + r  # int64
+            # keys: per channel over the group's rows
+            x = _pending_tile(kt_base, kn_base, r, nf, d, head, tail, TC, st_t, skn_t, skn_d, D)
+            xf = x.to(tl.float32)
+            scale, zero = _stored_scale_zero(tl.min(xf, axis=0), tl.max(xf, axis=0), LEVELS, x.dtype)
+            codes = _group_codes(xf, scale[None, :], zero[None, :], LEVELS)
+            g_row = (qrow0 // GROUP) + gi
+            tl.store(ks_ptr + g_row * D + d, scale.to(x.dtype), mask=d < live_d)
+            tl.store(kz_ptr + g_row * D + d, zero.to(x.dtype), mask=d < live_d)
+            words = _pack_first_axis(codes, GROUP, BLOCK_D, BITS, F)
+            w_row = (qrow0 + gi * GROUP) // F + tl.arange(0, WPG)
+            tl.store(kc_ptr + w_row[:, None] * D + d[None, :], words, mask=(d < live_d)[None, :])
+            # values: per row over channel groups
+            y = _pending_tile(vt_base, vn_base, r, nf, d, head, tail, TC, st_t, svn_t, svn_d, D)
+            y3 = tl.reshape(y.to(tl.float32), (GROUP, NGP, GROUP))
+            vscale, vzero = _stored_scale_zero(tl.min(y3, axis=2), tl.max(y3, axis=2), LEVELS, y.dtype)
+            vcodes = _group_codes(y3, vscale[:, :, None], vzero[:, :, None], LEVELS)
+            g_mask = (gidx < live_d // GROUP)[None, :] & (r < nf)[:, None]
+            g_off = row[:, None] * (D // GROUP) + gidx[None, :]
+            tl.store(vs_ptr + g_off, vscale.to(y.dtype), mask=g_mask)
+            tl.store(vz_ptr + g_off, vzero.to(y.dtype), mask=g_mask)
+            vwords = _pack_last_axis(tl.reshape(vcodes, (GROUP, BLOCK_D)), GROUP, BLOCK_D, BITS, F)
+            tl.store(vc_ptr + row[:, None] * (D // F) + widx[None, :], vwords, mask=(widx < live_d // F)[None, :] & (r < nf)[:, None])
 
     # The flush read ring slots that the writes below may reuse (flush before write): finish reads first.
     tl.debug_barrier()
