@@ -107,7 +107,7 @@ def cpu_decode(tokens, steps, rounds):
     small = dense.compress(0.3, scores=scores, slack=steps + 8)
     quant = small.quantize(2, 32, 128)
     N = dense.num_tokens
-    variants = {"full cache (DynamicCache)": (dense.cache, False, lambda: dense.cache.crop(N)),
+    variants = {"full cache (DynamicCache)": (dense.cache, False, lambda: dense.cache.crop(N - dense.cache.get_seq_length())),
                 "KVzip 0.3 (ragged pool)": (small.cache, True, small.cache.rollback),
                 "KVzip 0.3 + KIVI-2 (quant pool)": (quant.cache, True, quant.cache.rollback)}
     per_token = {name: [] for name in variants}

@@ -47,7 +47,11 @@ from .kivi import (_group_codes, _pack_first_axis, _pack_last_axis, _stored_scal
 from .pool import _deferred, status_buffer
 from .ragged_attention import _LOG2E, _chunk_rows, _dynamic_loops, _locate, _merge_kernel, _num_programs
 
-_GPU_DEFAULT = {"CHUNK": 256, "BLOCK_N": 64, "BLOCK_M": 64, "programs_per_sm": 2, "num_warps": 4, "num_stages": 2}
+# Unpacking keeps several [BLOCK_N, D] tiles live (codes, scale, zero, tail): 32-row tiles and 8 warps keep
+# the sm_90 build at 200 registers without spills (bf16, D = 128, 2-bit; 64-row tiles at 4 warps used all 255
+# and a 1.5 KiB spill stack, see bench/results/quant_pool/sm90_compile.txt). At ~200 registers x 256
+# threads one program fills an SM's register file, so one persistent program per SM.
+_GPU_DEFAULT = {"CHUNK": 256, "BLOCK_N": 32, "BLOCK_M": 64, "programs_per_sm": 1, "num_warps": 8, "num_stages": 2}
 _INTERPRETER_DEFAULT = {"CHUNK": 64, "BLOCK_N": 32, "BLOCK_M": 32, "programs_per_sm": 1, "num_warps": 4,
                         "num_stages": 1}
 
@@ -187,12 +191,12 @@ def _quant_chunks_kernel(
 
 
 def default_config(q, *args) -> dict:
-    """ragged_attention's heuristic: 256-row chunks of 64-row tiles on the GPU (32 at D = 256)."""
+    """256-row chunks of 32-row tiles on the GPU (see _GPU_DEFAULT); small chunks under the interpreter."""
     if q.device.type != "cuda":
         return dict(_INTERPRETER_DEFAULT)
     cfg = dict(_GPU_DEFAULT)
     if q.shape[-1] > 128:
-        cfg.update(BLOCK_N=32, BLOCK_M=32)
+        cfg.update(BLOCK_M=32)
     return cfg
 
 
