@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from autotune import timing
 from autotune.workloads import WORKLOADS, grid, nbytes, segment_lengths
 
-FAMILIES = ("ragged", "kivi", "topk", "pool", "kvzip", "lowrank")
+FAMILIES = ("ragged", "kivi", "topk", "pool", "kvzip", "lowrank", "quant_pool")
 
 
 class Unavailable(Exception):
@@ -380,6 +380,54 @@ def lowrank_cases(smoke: bool) -> list[Case]:
                                ("reference", reference_impl("lowrank_residual")))]
 
 
+def _quant_pool_points(smoke: bool) -> list[dict]:
+    if smoke:
+        return grid(B=[1], Hkv=[2], G=[2], D=[64], N=[256], keep=[0.3], bits=[2], Lq=[1], dtype=["fp16"])
+    return grid(B=[1], Hkv=[8], G=[4], D=[128], N=[32768, 131072], keep=[0.3], bits=[2], Lq=[1], dtype=["bf16"])
+
+
+def _build_quant_pool(p: dict, device: torch.device) -> tuple:
+    """One layer of a KVzip (keep, skewed per-head lengths) + KIVI pool: group 32, residual 128, slack 16."""
+    import kvkernels
+
+    dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[p["dtype"]]
+    B, Hkv, G, D, N, Lq = p["B"], p["Hkv"], p["G"], p["D"], p["N"], p["Lq"]
+    lens = segment_lengths(B * Hkv, p["keep"] * N, Lq, N, seed=N + B).to(torch.int32)
+    P = int(lens.sum())
+    k_pool, v_pool = (torch.randn(P, D, device=device).to(dt) for _ in range(2))
+    starts = (torch.cumsum(lens.long(), 0) - lens.long()).view(1, B, Hkv).to(device)
+    pool = kvkernels.quant_pool_build(k_pool, v_pool, starts, lens.view(1, B, Hkv).to(device), p["bits"], 32, 128, 16)
+    q = torch.randn(B, Hkv * G, Lq, D, device=device).to(dt)
+    return (q, *pool.buffers()[:6], pool.k_tail[0], pool.v_tail[0], pool.q_start[0], pool.q_len[0], pool.t_head[0],
+            pool.seg_len[0], p["bits"], 32)
+
+
+def quant_pool_attention_impl(p: dict, device: torch.device) -> Prepared:
+    """``quant_pool_attention`` (Triton): one fused split-K launch (+ merge) over all segments of a layer."""
+    _require_device("triton", device)
+    _require_kernel("triton", "quant_pool_attention")
+    first = _build_quant_pool(p, device)
+    moved = nbytes(*first[:9]) + 2 * nbytes(first[0])  # codes, scales, zeros, tails read; q read, o written
+    flops = 4 * first[0].shape[0] * first[0].shape[1] * first[0].shape[2] * int(first[12].sum()) * first[0].shape[3]
+    sets = _rotated(lambda: _build_quant_pool(p, device), moved, device, first)
+    fn = torch.ops.kvkernels.quant_pool_attention
+    return Prepared(lambda i: fn(*sets[i]), len(sets), moved, flops, backend="triton")
+
+
+def quant_pool_cases(smoke: bool) -> list[Case]:
+    """Fused quantized ragged decode (KVzip keep 0.3 + KIVI-2) vs fp16/bf16 SDPA over the full dense cache."""
+    cases = []
+    for p in _quant_pool_points(smoke):
+        for impl, make in (("kvkernels", quant_pool_attention_impl),
+                           ("kvkernels_graph", graphed(quant_pool_attention_impl))):
+            cases.append(Case("quant_pool", "quant_pool_attention", impl, p, make, context=p["N"], keep=p["keep"]))
+        dense = {k: v for k, v in p.items() if k not in ("keep", "bits")}
+        for impl, make in (("sdpa_dense", sdpa_dense(lambda q: q["N"])),
+                           ("sdpa_dense_graph", graphed(sdpa_dense(lambda q: q["N"])))):
+            cases.append(Case("quant_pool", "quant_pool_attention", impl, dense, make, context=p["N"], keep=1.0))
+    return cases
+
+
 CASES = {
     "ragged": ragged_cases,
     "kivi": kivi_cases,
@@ -387,6 +435,7 @@ CASES = {
     "pool": pool_cases,
     "kvzip": kvzip_cases,
     "lowrank": lowrank_cases,
+    "quant_pool": quant_pool_cases,
 }
 
 

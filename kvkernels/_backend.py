@@ -43,13 +43,16 @@ _FAMILY = {
     "kivi_dequantize": "kivi",
     "kivi_attention": "kivi",
     "lowrank_residual": "lowrank",
+    "quant_pool_build": "quant_pool",
+    "quant_pool_append": "quant_pool",
+    "quant_pool_attention": "quant_pool",
 }
 # The ops each compiled backend implements (op -> module under kvkernels.<backend>). An op missing from
 # a backend's map falls through to the next backend (see _FALLBACK).
 _KERNEL_MODULES: dict[str, dict[str, str]] = {
     "triton": dict(_FAMILY),
     "cupy": {"topk_mask": "topk"},
-    "cpu": {},
+    "cpu": {"quant_pool_attention": "quant_pool"},
 }
 _FALLBACK = {"cupy": "triton", "triton": "reference", "cpu": "reference"}
 

@@ -288,3 +288,109 @@ def check_capacity(seg_len: torch.Tensor, seg_cap: torch.Tensor, layer: int, t: 
             f"{int(short.sum())} segment(s) lack room. Nothing was written. Compact with more slack, "
             f"or roll back seg_len."
         )
+
+
+# ---------------------------------------------------------------------------------------------------
+# quant_pool: the quantized ragged pool (kvkernels.reference.quant_pool documents the layout)
+QUANT_POOL_TABLE = ("q_start", "q_len", "q_cap", "t_head", "seg_len", "seg_cap")
+
+
+def quant_pool_params(op, bits, group_size, residual, D):
+    check_kivi_params(op, bits, group_size)
+    integer(op, "residual", residual, 0)
+    if D % group_size:
+        fail(op, f"head dim D = {D} must be a multiple of group_size = {group_size} (values are grouped over "
+             f"channels)")
+
+
+def quant_pool_buffers(op, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, bits, group_size,
+                       tail_dims):
+    """Check the codes/scales/zeros/tails of a quantized pool; returns (Q, D, TC)."""
+    tensor(op, "k_tail", k_tail, tail_dims, FLOAT_DTYPES)
+    tensor(op, "v_tail", v_tail, tail_dims, (k_tail.dtype,))
+    shape_is(op, "v_tail", v_tail, tuple(k_tail.shape))
+    TC, D = k_tail.shape[-2], k_tail.shape[-1]
+    head_dim(op, "k_tail", D)
+    F = 32 // bits
+    tensor(op, "v_codes", v_codes, 2, (torch.int32,))
+    Q = v_codes.shape[0]
+    if Q % group_size:
+        fail(op, f"v_codes has Q = {Q} rows, not a whole number of groups of {group_size}")
+    for name, t, shape in (("v_codes", v_codes, (Q, D // F)), ("k_codes", k_codes, (Q // F, D)),
+                           ("k_scale", k_scale, (Q // group_size, D)), ("k_zero", k_zero, (Q // group_size, D)),
+                           ("v_scale", v_scale, (Q, D // group_size)), ("v_zero", v_zero, (Q, D // group_size))):
+        tensor(op, name, t, 2, (torch.int32,) if "codes" in name else (k_tail.dtype,))
+        shape_is(op, name, t, shape)
+    same_device(op, k_codes=k_codes, k_scale=k_scale, k_zero=k_zero, v_codes=v_codes, v_scale=v_scale,
+                v_zero=v_zero, k_tail=k_tail, v_tail=v_tail)
+    return Q, D, TC
+
+
+def quant_pool_table(op, shape_name, ndim, **tables):
+    """Segment tables: int64 q_start, int32 for the rest, one shape; returns it."""
+    first = None
+    for name, t in tables.items():
+        tensor(op, name, t, ndim, (torch.int64,) if name == "q_start" else (torch.int32,))
+        if first is None:
+            first = tuple(t.shape)
+        shape_is(op, name, t, first)
+    return first
+
+
+def check_quant_pool_build(k_pool, v_pool, seg_start, seg_len, bits, group_size, residual, slack, q_rows):
+    op = "quant_pool_build"
+    tensor(op, "k_pool", k_pool, 2, FLOAT_DTYPES)
+    tensor(op, "v_pool", v_pool, 2, (k_pool.dtype,))
+    shape_is(op, "v_pool", v_pool, tuple(k_pool.shape))
+    head_dim(op, "k_pool", k_pool.shape[1])
+    tensor(op, "seg_start", seg_start, 3, (torch.int64,))
+    tensor(op, "seg_len", seg_len, 3, (torch.int32,))
+    shape_is(op, "seg_len", seg_len, tuple(seg_start.shape))
+    quant_pool_params(op, bits, group_size, residual, k_pool.shape[1])
+    integer(op, "slack", slack, 0)
+    integer(op, "q_rows", q_rows, 0, None, "(pass kvkernels.reference.quant_pool.quant_pool_rows(seg_len, ...))")
+    if q_rows % group_size:
+        fail(op, f"q_rows = {q_rows} must be a multiple of group_size = {group_size}")
+    same_device(op, k_pool=k_pool, v_pool=v_pool, seg_start=seg_start, seg_len=seg_len)
+
+
+def check_quant_pool_append(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len,
+                            q_cap, t_head, seg_len, seg_cap, layer, k_new, v_new, bits, group_size, residual):
+    op = "quant_pool_append"
+    check_kivi_params(op, bits, group_size)
+    Q, D, TC = quant_pool_buffers(op, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, bits,
+                                  group_size, 5)
+    quant_pool_params(op, bits, group_size, residual, D)
+    L, B, H = quant_pool_table(op, "q_start", 3, q_start=q_start, q_len=q_len, q_cap=q_cap, t_head=t_head,
+                               seg_len=seg_len, seg_cap=seg_cap)
+    shape_is(op, "k_tail", k_tail, (L, B, H, TC, D))
+    integer(op, "layer", layer, 0, L - 1, f"(the pool has L = {L} layers)")
+    tensor(op, "k_new", k_new, 4, (k_tail.dtype,))
+    tensor(op, "v_new", v_new, 4, (k_tail.dtype,))
+    t = k_new.shape[2]
+    shape_is(op, "k_new", k_new, (B, H, t, D))
+    shape_is(op, "v_new", v_new, (B, H, t, D))
+    same_device(op, k_tail=k_tail, q_start=q_start, q_len=q_len, q_cap=q_cap, t_head=t_head, seg_len=seg_len,
+                seg_cap=seg_cap, k_new=k_new, v_new=v_new)
+
+
+def check_quant_pool_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len,
+                               t_head, seg_len, bits, group_size):
+    op = "quant_pool_attention"
+    tensor(op, "q", q, 4, FLOAT_DTYPES)
+    check_kivi_params(op, bits, group_size)
+    Q, D, TC = quant_pool_buffers(op, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, bits,
+                                  group_size, 4)
+    if k_tail.dtype != q.dtype:
+        fail(op, f"k_tail has dtype {k_tail.dtype}; it must match q's {q.dtype}", TypeError)
+    B, Hq, Lq, Dq = q.shape
+    if Dq != D:
+        fail(op, f"q has head dim {Dq} but k_tail rows have {D} channels; they must match")
+    if Lq < 1:
+        fail(op, "q must have at least one query row (Lq >= 1)")
+    shape = quant_pool_table(op, "q_start", 2, q_start=q_start, q_len=q_len, t_head=t_head, seg_len=seg_len)
+    if shape[0] != B:
+        fail(op, f"q_start must have shape [B={B}, Hkv] (one layer: pass q_start[layer]), got {shape}")
+    gqa(op, Hq, shape[1], "q_start")
+    shape_is(op, "k_tail", k_tail, (B, shape[1], TC, D))
+    same_device(op, q=q, k_tail=k_tail, q_start=q_start, q_len=q_len, t_head=t_head, seg_len=seg_len)

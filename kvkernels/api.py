@@ -151,3 +151,108 @@ def check_overflow(device=None) -> None:
     from .triton.pool import check_overflow as _check
 
     _check(device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The quantized ragged pool (KVzip segments as KIVI codes + full-precision tails; see the README section
+# "KVzip x KIVI: the quantized ragged pool" and kvkernels.reference.quant_pool for the layout)
+class QuantPool(NamedTuple):
+    """A quantized ragged pool of all layers. Q quantized rows, F = 32 // bits, GS = group_size, TC ring slots.
+
+    Segment (l, b, h): quantized rows q_start .. + q_len (of q_cap), then its tail: ring slots
+    ``(t_head + i) % TC`` of ``k_tail[l, b, h]`` for i < seg_len - q_len.
+    """
+
+    k_codes: torch.Tensor  # int32 [Q/F, D]: keys per channel, groups of GS rows, packed along rows
+    k_scale: torch.Tensor  # [Q/GS, D]
+    k_zero: torch.Tensor  # [Q/GS, D]
+    v_codes: torch.Tensor  # int32 [Q, D/F]: values per row, groups of GS channels, packed along channels
+    v_scale: torch.Tensor  # [Q, D/GS]
+    v_zero: torch.Tensor  # [Q, D/GS]
+    k_tail: torch.Tensor  # [L, B, Hkv, TC, D] full precision, a ring per segment
+    v_tail: torch.Tensor  # [L, B, Hkv, TC, D]
+    q_start: torch.Tensor  # int64 [L, B, Hkv], a multiple of GS
+    q_len: torch.Tensor  # int32 [L, B, Hkv], quantized live rows (a multiple of GS)
+    q_cap: torch.Tensor  # int32 [L, B, Hkv], quantized capacity
+    t_head: torch.Tensor  # int32 [L, B, Hkv], ring slot of the oldest tail row
+    seg_len: torch.Tensor  # int32 [L, B, Hkv], live rows (quantized + tail)
+    seg_cap: torch.Tensor  # int32 [L, B, Hkv], seg_len at build + slack
+    bits: int
+    group_size: int
+    residual: int
+
+    def buffers(self) -> tuple:
+        """The 14 tensors, in the ops' argument order."""
+        return tuple(self)[:14]
+
+    def lengths(self) -> tuple:
+        """(q_len, t_head, seg_len): the state an append changes besides data; restore them to roll back."""
+        return self.q_len, self.t_head, self.seg_len
+
+    def nbytes(self, include_slack: bool = True) -> int:
+        """Bytes of codes, scales, zeros and tails: all allocated, or only the live rows (no segment table)."""
+        data = self.buffers()[:8]
+        if include_slack:
+            return sum(t.numel() * t.element_size() for t in data)
+        D, elem = self.k_tail.shape[-1], self.k_tail.element_size()
+        F = 32 // self.bits
+        per_q_row = 2 * (D // F) * 4 + 2 * 2 * (D // self.group_size) * elem  # codes + scale, zero (K and V)
+        q_rows = int(self.q_len.long().sum())
+        tail_rows = int((self.seg_len - self.q_len).long().sum())
+        return q_rows * per_q_row + tail_rows * 2 * D * elem
+
+
+def quant_pool_build(k_pool, v_pool, seg_start, seg_len, bits: int = 2, group_size: int = 32, residual: int = 128,
+                     slack: int = 0) -> QuantPool:
+    """Quantize a ragged fp pool of all layers (``compact_kv``'s k_pool, v_pool, seg_start, seg_len) in one call.
+
+    Every segment keeps its newest rows (at least ``residual``, fewer than residual + group_size) in a
+    full-precision tail and its older rows as KIVI ``bits``-bit groups; ``slack`` rows per segment are
+    reserved for appends (quantized capacity and ring slots), so appends never reallocate. Reads the
+    lengths once on the host (the buffers' sizes depend on them).
+    """
+    from kvkernels.reference.quant_pool import quant_pool_rows
+
+    q_rows = quant_pool_rows(seg_len, group_size, residual, slack)
+    out = _k.quant_pool_build(k_pool, v_pool, seg_start, seg_len, bits, group_size, residual, slack, q_rows)
+    return QuantPool(*out, bits, group_size, residual)
+
+
+def quant_pool_from_kv(keys, values, keep: torch.Tensor, bits: int = 2, group_size: int = 32, residual: int = 128,
+                       slack: int = 0) -> QuantPool:
+    """Build from per-layer keys/values [B, Hkv, N, D] and a keep mask [L, B, Hkv, N] (evict, then quantize)."""
+    pool = compact_kv(keys, values, keep, slack=0)
+    return quant_pool_build(pool.k_pool, pool.v_pool, pool.seg_start, pool.seg_len, bits, group_size, residual,
+                            slack)
+
+
+def quant_pool_append(pool: QuantPool, layer: int, k_new, v_new, flush_after: bool = False) -> None:
+    """Append k_new/v_new [B, Hkv, t, D] to every segment of ``layer``, in place (one op call).
+
+    First flushes the groups that earlier appends completed past the residual window (quantizing them),
+    then writes the new rows to the full-precision tail, so attention reads them unquantized (KIVI's
+    order); ``flush_after=True`` writes first and flushes after. Overflow raises ``PoolOverflowError`` and
+    writes nothing (one host sync per call, none inside :func:`deferred_overflow_checks` on Triton).
+    Roll back with :func:`quant_pool_rollback` to lengths saved by ``[t.clone() for t in pool.lengths()]``.
+    """
+    _k.quant_pool_append(*pool.buffers(), layer, k_new, v_new, pool.bits, pool.group_size, pool.residual,
+                         flush_after)
+
+
+def quant_pool_rollback(pool: QuantPool, saved) -> None:
+    """Return to the state whose ``pool.lengths()`` were saved (exact: appends never overwrite live data)."""
+    for now, then in zip(pool.lengths(), saved):
+        now.copy_(then)
+
+
+def quant_pool_attention(q, pool: QuantPool, layer: int, sm_scale: Optional[float] = None, return_lse: bool = False):
+    """Attention of q [B, Hq, Lq, D] over layer ``layer`` of a quantized pool (one launch on Triton).
+
+    Equals dequantize-then-:func:`ragged_attention` (bottom-right causal; the last Lq rows of each
+    segment are the queries' own keys). Returns o, or (o, lse fp32 [B, Hq, Lq]) with ``return_lse``.
+    """
+    o, lse = _k.quant_pool_attention(q, pool.k_codes, pool.k_scale, pool.k_zero, pool.v_codes, pool.v_scale,
+                                     pool.v_zero, pool.k_tail[layer], pool.v_tail[layer], pool.q_start[layer],
+                                     pool.q_len[layer], pool.t_head[layer], pool.seg_len[layer], pool.bits,
+                                     pool.group_size, sm_scale, return_lse)
+    return (o, lse) if return_lse else o

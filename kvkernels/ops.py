@@ -247,3 +247,124 @@ def _(err, rank, iters):
     V.check_lowrank_residual(err, rank, iters)
     B, H, T, D = err.shape
     return err.new_empty(B, H, T, rank), err.new_empty(B, H, D, rank)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 9. quant_pool: the quantized ragged pool (KVzip segments as KIVI codes + full-precision tails)
+def _quant_pool_rows_check(seg_len, group_size, residual, slack, q_rows):
+    # The one host read of the build: q_rows fixes the buffers' shapes, so it must be right.
+    from kvkernels.reference.quant_pool import quant_pool_rows
+
+    actual = quant_pool_rows(seg_len, group_size, residual, slack)
+    if actual != q_rows:
+        V.fail("quant_pool_build", f"q_rows = {q_rows} but seg_len needs {actual}; pass quant_pool_rows(seg_len, "
+               f"group_size, residual, slack)")
+
+
+@torch.library.custom_op(f"{LIB}::quant_pool_build", mutates_args=())
+def quant_pool_build(
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    seg_start: torch.Tensor,
+    seg_len: torch.Tensor,
+    bits: int,
+    group_size: int,
+    residual: int,
+    slack: int,
+    q_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    V.check_quant_pool_build(k_pool, v_pool, seg_start, seg_len, bits, group_size, residual, slack, q_rows)
+    _quant_pool_rows_check(seg_len, group_size, residual, slack, q_rows)
+    return _run("quant_pool_build", k_pool.device, k_pool, v_pool, seg_start, seg_len, bits, group_size, residual,
+                slack, q_rows)
+
+
+@quant_pool_build.register_fake
+def _(k_pool, v_pool, seg_start, seg_len, bits, group_size, residual, slack, q_rows):
+    V.check_quant_pool_build(k_pool, v_pool, seg_start, seg_len, bits, group_size, residual, slack, q_rows)
+    L, B, H = seg_start.shape
+    D, F, Q = k_pool.shape[1], 32 // bits, q_rows
+    TC = residual + group_size - 1 + slack
+    new = k_pool.new_empty
+    seg = (L, B, H)
+    return (new(Q // F, D, dtype=torch.int32), new(Q // group_size, D), new(Q // group_size, D),
+            new(Q, D // F, dtype=torch.int32), new(Q, D // group_size), new(Q, D // group_size),
+            new(L, B, H, TC, D), new(L, B, H, TC, D), new(seg, dtype=torch.int64), new(seg, dtype=torch.int32),
+            new(seg, dtype=torch.int32), new(seg, dtype=torch.int32), new(seg, dtype=torch.int32),
+            new(seg, dtype=torch.int32))
+
+
+@torch.library.custom_op(f"{LIB}::quant_pool_append",
+                         mutates_args=("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "k_tail",
+                                       "v_tail", "q_len", "t_head", "seg_len"))
+def quant_pool_append(
+    k_codes: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zero: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_zero: torch.Tensor,
+    k_tail: torch.Tensor,
+    v_tail: torch.Tensor,
+    q_start: torch.Tensor,
+    q_len: torch.Tensor,
+    q_cap: torch.Tensor,
+    t_head: torch.Tensor,
+    seg_len: torch.Tensor,
+    seg_cap: torch.Tensor,
+    layer: int,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    bits: int,
+    group_size: int,
+    residual: int,
+    flush_after: bool = False,
+) -> None:
+    args = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, q_cap, t_head,
+            seg_len, seg_cap, layer, k_new, v_new, bits, group_size, residual)
+    V.check_quant_pool_append(*args)
+    _run("quant_pool_append", k_tail.device, *args, bool(flush_after))
+
+
+@quant_pool_append.register_fake
+def _(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, q_cap, t_head, seg_len,
+      seg_cap, layer, k_new, v_new, bits, group_size, residual, flush_after=False):
+    V.check_quant_pool_append(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len,
+                              q_cap, t_head, seg_len, seg_cap, layer, k_new, v_new, bits, group_size, residual)
+
+
+@torch.library.custom_op(f"{LIB}::quant_pool_attention", mutates_args=())
+def quant_pool_attention(
+    q: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zero: torch.Tensor,
+    v_codes: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_zero: torch.Tensor,
+    k_tail: torch.Tensor,
+    v_tail: torch.Tensor,
+    q_start: torch.Tensor,
+    q_len: torch.Tensor,
+    t_head: torch.Tensor,
+    seg_len: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sm_scale: Optional[float] = None,
+    return_lse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, t_head, seg_len,
+            bits, group_size)
+    V.check_quant_pool_attention(*args)
+    scale = V.scale_value("quant_pool_attention", sm_scale, q.shape[-1])
+    return _run("quant_pool_attention", q.device, *args, scale, return_lse)
+
+
+@quant_pool_attention.register_fake
+def _(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, t_head, seg_len, bits,
+      group_size, sm_scale=None, return_lse=False):
+    V.check_quant_pool_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start,
+                                 q_len, t_head, seg_len, bits, group_size)
+    lse_shape = q.shape[:3] if return_lse else (0,)
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)

@@ -154,3 +154,23 @@ def test_gpu_graph_decode_script_runs_its_cpu_path(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main([]) == 0
         assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_quantized_pool_decode_compiles_once_across_answers(tiny):
+    """The KIVI-quantized pool (kvkernels.hf.kivi.QuantPoolCache) keeps its per-token state in tensors too:
+    one compilation serves both answers, with the rollback between them, and matches eager decoding."""
+    model, tok = tiny
+    ctx = _context(model, tok, seed=5).quantize(2, 32, 32, slack=48)
+    before = [t.clone() for t in ctx.cache.pool.lengths()]
+    eager = [ctx.answer(q, max_new_tokens=ANSWER_TOKENS).token_ids for q in QUESTIONS]
+    counter = CompileCounter()
+    assert ctx.compile(backend=counter).compiled
+    compiled = []
+    for question in QUESTIONS:
+        answer = ctx.answer(question, max_new_tokens=ANSWER_TOKENS)
+        assert answer.decode_steps == ANSWER_TOKENS - 1
+        assert all(torch.equal(a, b) for a, b in zip(ctx.cache.pool.lengths(), before)), "not rolled back"
+        assert ctx.cache.get_seq_length() == ctx.num_tokens
+        compiled.append(answer.token_ids)
+    assert compiled == eager, "compiled answers over the quantized pool differ from eager ones"
+    assert counter.frame_count == 1, f"{counter.frame_count} compilations over 2 answers of {ANSWER_TOKENS} tokens"

@@ -314,6 +314,29 @@ def test_kivi_on_top_quantizes_answers_and_rolls_back(tiny):
     assert kivi2.cache.get_seq_length() == dense.num_tokens
 
 
+def test_kivi_pool_is_one_op_call_per_layer_and_counts_its_bytes(tiny, monkeypatch):
+    """The quantized context decodes with one append and one attention op per layer (no per-head loop),
+    and its bytes are the pool's codes, scales, zeros and tails."""
+    model, tok = tiny
+    dense = prefill(model, tok, CONTEXT)
+    ctx = dense.compress(scores=torch.rand(2, 2, dense.num_tokens - dense.sink_len), keep=0.6, slack=48)
+    kivi = ctx.quantize(bits=2, group_size=32, residual=8)
+    pool = kivi.cache.pool
+    assert int(pool.q_len.sum()) > 0  # something is quantized
+    allocated = sum(t.numel() * t.element_size() for t in pool.buffers()[:8])
+    assert kivi.nbytes() == allocated
+    D, rows_q, rows_t = 64, int(pool.q_len.sum()), int((pool.seg_len - pool.q_len).sum())
+    assert kivi.nbytes(include_slack=False) == rows_q * (2 * D // 16 * 4 + 4 * D // 32 * 4) + rows_t * 2 * D * 4
+    calls = []
+    for op in ("quant_pool_append", "quant_pool_attention"):
+        real = getattr(kvkernels, op)
+        monkeypatch.setattr(kvkernels, op, lambda *a, _real=real, _op=op, **k: (calls.append(_op), _real(*a, **k))[1])
+    answer = kivi.answer(QUESTION, max_new_tokens=3)
+    steps = answer.decode_steps + 1  # the question's forward + the one-token steps
+    assert calls.count("quant_pool_append") == calls.count("quant_pool_attention") == 2 * steps
+    assert torch.equal(pool.seg_len, kivi.cache._saved[2])  # rolled back
+
+
 def _naive_kvzip_scores(model, dense, chunk_size):
     """float64 KVzip scores recomputed from hidden states: q/k projections, RoPE at positions N.., and
     the softmax over [sink ; chunk ; own keys (causal)], max over G heads and rows."""

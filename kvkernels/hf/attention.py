@@ -4,7 +4,7 @@ Two implementations are registered (names in :data:`RAGGED_ATTENTION` and :data:
 
 * ``kvkernels_ragged`` decodes over a kvkernels cache: the ragged KV pool of a
   :class:`~kvkernels.hf.cache.RaggedPoolCache` (``ragged_attention``) or its KIVI-quantized form
-  (:class:`~kvkernels.hf.kivi.KiviPoolCache`). The cache layer appends the new keys in ``update`` and
+  (:class:`~kvkernels.hf.kivi.QuantPoolCache`). The cache layer appends the new keys in ``update`` and
   hands itself to the attention call that follows (see :func:`hand_off`), which calls its ``attend``;
   transformers passes no cache to attention functions, and the modeling code calls ``update`` and then
   the attention function back to back, so a per-thread hand-off is exact and needs no extra kwargs
@@ -69,7 +69,7 @@ def ragged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if layer is None or layer.handoff_key is not key or layer.layer_idx != layer_idx:
         raise RuntimeError(
             f"attention implementation {RAGGED_ATTENTION!r} needs past_key_values to be a kvkernels cache "
-            f"(kvkernels.hf.RaggedPoolCache or KiviPoolCache); layer {layer_idx} got keys it does not hold")
+            f"(kvkernels.hf.RaggedPoolCache or QuantPoolCache); layer {layer_idx} got keys it does not hold")
     _local.handoff = None
     out = layer.attend(query.contiguous(), scaling)
     return out.transpose(1, 2).contiguous(), None

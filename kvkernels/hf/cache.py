@@ -28,7 +28,30 @@ from kvkernels.api import Pool
 from .attention import hand_off
 
 
-class RaggedPoolLayer(CacheLayerMixin):
+class PoolLayerLengths:
+    """The length queries transformers asks of a pool layer (shared by the fp and the quantized pool layers).
+
+    The logical length is the checkpoint's (``owner.checkpoint_len``) plus the tokens this layer appended
+    since (:meth:`appended_tokens`, derived from the pool's length tensors by each layer class: a Python
+    counter bumped per token would be a new constant for torch.compile every step); there is no maximum
+    length.
+    """
+
+    def appended_tokens(self) -> int:
+        raise NotImplementedError
+
+    def get_seq_length(self) -> int:
+        """Logical length: the tokens the context was compressed from + tokens appended since."""
+        return self.owner.checkpoint_len + self.appended_tokens()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class RaggedPoolLayer(PoolLayerLengths, CacheLayerMixin):
     """One model layer's view of a shared :class:`kvkernels.Pool` (segments ``pool.seg_*[layer_idx]``)."""
 
     is_sliding = False
@@ -74,16 +97,6 @@ class RaggedPoolLayer(CacheLayerMixin):
         layer = self.layer_idx
         live = self.pool.seg_len[layer].reshape(-1)[0]
         return int(live - self.owner._saved_seg_len[layer].reshape(-1)[0])
-
-    def get_seq_length(self) -> int:
-        """Logical length: the tokens the context was compressed from + tokens appended since."""
-        return self.owner.checkpoint_len + self.appended_tokens()
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` appended tokens (never the compressed context)."""

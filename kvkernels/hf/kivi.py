@@ -1,12 +1,11 @@
-"""KIVI quantization on top of KVzip eviction: every (batch, KV head) segment of a compressed pool
-becomes one :class:`kvkernels.kivi_cache.KiviCache` (2 or 4 bits, keys per channel, values per token,
-a full-precision window of the most recent ``residual`` tokens).
+"""KIVI quantization on top of KVzip eviction: the compressed ragged pool becomes one
+:class:`kvkernels.QuantPool` (2 or 4 bits; keys per channel, values per token, in KIVI groups; each
+(layer, batch, KV head) segment keeps its newest ``residual`` .. ``residual + group_size - 1`` rows in a
+full-precision tail).
 
-Segments keep different numbers of rows after eviction, while a ``KiviCache`` holds one length for all
-its heads, so each segment gets its own single-head cache and attention runs head by head
-(``kivi_attention`` per KV head with its G query heads). Rollback after an answer restores each cache's
-host-side counters and its small full-precision tail/window buffers: appends only ever write past the
-counters, so this is exact without copying any quantized data.
+One op call per layer and step: ``quant_pool_append`` writes the step's rows into every segment of the
+layer (flushing the groups earlier steps completed), ``quant_pool_attention`` attends over all of them.
+Rollback after an answer restores three small length tables: appends never overwrite the build state.
 """
 
 from __future__ import annotations
@@ -14,140 +13,89 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvkernels.api import Pool
+import kvkernels
+from kvkernels.api import Pool, QuantPool
 
 from .attention import hand_off
-
-# KiviCache state that an append changes: host counters, and the buffers rewritten in place.
-_KIVI_COUNTERS = ("num_quant_keys", "num_tail_keys", "num_quant_values", "window_start", "window_len",
-                  "_k_basis_ready", "_v_basis_ready")
-_KIVI_BUFFERS = ("k_tail", "v_window", "k_lr_w", "v_lr_w")
+from .cache import PoolLayerLengths
 
 
-def _snapshot(cache) -> dict:
-    state = {}
-    for name in _KIVI_COUNTERS:
-        if not hasattr(cache, name):
-            raise RuntimeError(f"KiviCache has no attribute {name!r}: kvkernels.hf.kivi needs updating")
-        state[name] = getattr(cache, name)
-    for name in _KIVI_BUFFERS:
-        if hasattr(cache, name):
-            state[name] = getattr(cache, name).clone()
-    return state
-
-
-def _restore(cache, state: dict) -> None:
-    for name, value in state.items():
-        if isinstance(value, torch.Tensor):
-            getattr(cache, name).copy_(value)
-        else:
-            setattr(cache, name, value)
-
-
-class KiviPoolLayer(CacheLayerMixin):
-    """One model layer: a single-head ``KiviCache`` per (batch, KV head) segment."""
+class QuantPoolLayer(PoolLayerLengths, CacheLayerMixin):
+    """One model layer's view of a shared :class:`kvkernels.QuantPool`."""
 
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, owner: "KiviPoolCache", layer_idx: int, heads: list[list]):
+    def __init__(self, owner: "QuantPoolCache", layer_idx: int):
         super().__init__()
-        self.owner, self.layer_idx, self.heads = owner, layer_idx, heads  # heads[b][h]: KiviCache
-        self.appended = 0
+        self.owner, self.layer_idx = owner, layer_idx
         self.is_initialized = True
 
     def lazy_initialization(self, key_states, value_states) -> None:
-        pass
+        pass  # the pool exists before the first update
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        for b, row in enumerate(self.heads):
-            for h, cache in enumerate(row):
-                cache.append(key_states[b:b + 1, h:h + 1].contiguous(), value_states[b:b + 1, h:h + 1].contiguous())
-        self.appended += key_states.shape[2]
+        """Append in place (one op call for all segments), hand the layer to the attention call."""
+        kvkernels.quant_pool_append(self.owner.pool, self.layer_idx, key_states.contiguous(),
+                                    value_states.contiguous(), flush_after=self.owner.flush_after)
         self.handoff_key = key_states
         hand_off(self)
         return key_states, value_states
 
+    def appended_tokens(self) -> int:
+        """Tokens appended since the build checkpoint, from the length tensors (one host read; see
+        :class:`~kvkernels.hf.cache.PoolLayerLengths`)."""
+        layer = self.layer_idx
+        saved_seg_len = self.owner._saved[2]
+        return int(self.owner.pool.seg_len[layer].reshape(-1)[0] - saved_seg_len[layer].reshape(-1)[0])
+
     def attend(self, query: torch.Tensor, scaling=None) -> torch.Tensor:
-        """Per (batch, KV head): ``kivi_attention`` of its G query heads over that head's cache."""
-        G = query.shape[1] // len(self.heads[0])
-        out = torch.empty_like(query)
-        for b, row in enumerate(self.heads):
-            for h, cache in enumerate(row):
-                out[b:b + 1, h * G:(h + 1) * G] = cache.attend(query[b:b + 1, h * G:(h + 1) * G].contiguous(), scaling)
-        return out
-
-    def get_seq_length(self) -> int:
-        return self.owner.checkpoint_len + self.appended
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
+        """``quant_pool_attention`` of query [B, Hq, Lq, D] over this layer's segments (one op call)."""
+        return kvkernels.quant_pool_attention(query, self.owner.pool, self.layer_idx, sm_scale=scaling)
 
 
-class KiviPoolCache(Cache):
-    """transformers cache of KIVI-quantized segments (built from a ragged pool), with rollback.
+class QuantPoolCache(Cache):
+    """transformers cache over a KIVI-quantized ragged pool of all layers, with rollback to the build state.
 
+    Built from a ragged fp pool (``compact_kv``'s, at its checkpoint lengths) in one call; ``slack`` rows
+    per segment are reserved for question + answer tokens. ``flush_after`` selects the flush order (see
+    :func:`kvkernels.quant_pool_append`; the default is KIVI's: new rows are attended in full precision).
     Use with the ``kvkernels_ragged`` attention implementation, like :class:`RaggedPoolCache`.
     """
 
     def __init__(self, pool: Pool, logical_len: int, bits: int = 2, group_size: int = 32, residual: int = 128,
-                 slack: int = 256):
-        from kvkernels.kivi_cache import KiviCache
-
+                 slack: int = 256, flush_after: bool = False):
         self.checkpoint_len = int(logical_len)
-        self.bits, self.group_size, self.residual, self.slack = bits, group_size, residual, slack
-        L, B, H = pool.seg_start.shape
-        D = pool.k_pool.shape[1]
-        starts, lens = pool.seg_start.tolist(), pool.seg_len.tolist()
-        layers = []
-        for l in range(L):
-            heads = []
-            for b in range(B):
-                row = []
-                for h in range(H):
-                    s, n = starts[l][b][h], lens[l][b][h]
-                    cache = KiviCache(1, 1, D, n + slack, bits=bits, group_size=group_size, residual=residual,
-                                      dtype=pool.k_pool.dtype, device=pool.k_pool.device)
-                    if n:
-                        cache.append(pool.k_pool[s:s + n].view(1, 1, n, D), pool.v_pool[s:s + n].view(1, 1, n, D))
-                    row.append(cache)
-                heads.append(row)
-            layers.append(KiviPoolLayer(self, l, heads))
-        super().__init__(layers=layers)
-        self._batch = B
-        self._saved = [[_snapshot(c) for row in layer.heads for c in row] for layer in self.layers]
+        self.flush_after = flush_after
+        self.pool: QuantPool = kvkernels.quant_pool_build(pool.k_pool, pool.v_pool, pool.seg_start, pool.seg_len,
+                                                          bits, group_size, residual, slack)
+        self._saved = [t.clone() for t in self.pool.lengths()]
+        super().__init__(layers=[QuantPoolLayer(self, layer) for layer in range(pool.seg_start.shape[0])])
+
+    # Per-token state lives only in the pool's length tensors, so a decode step compiles once.
+    compiles_once = True
 
     @property
     def batch_size(self) -> int:
-        return self._batch
+        return self.pool.seg_len.shape[1]
 
-    def _caches(self):
-        for layer in self.layers:
-            for row in layer.heads:
-                yield from row
+    def static_tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor a decode step reads or writes in place (fixed addresses for CUDA graphs)."""
+        return tuple(self.pool)
 
     def rollback(self) -> None:
-        """Forget every token appended since construction (counters and full-precision tails restored)."""
-        for layer, saved in zip(self.layers, self._saved):
-            for cache, state in zip((c for row in layer.heads for c in row), saved):
-                _restore(cache, state)
-            layer.appended = 0
+        """Forget every token appended since construction (restores q_len, t_head and seg_len; no data copy)."""
+        kvkernels.quant_pool_rollback(self.pool, self._saved)
 
     def free_rows(self) -> int:
-        return min(c.max_tokens - c.seq_len for c in self._caches())
+        return int((self.pool.seg_cap - self.pool.seg_len).min())
 
     def reserve(self, tokens: int) -> None:
-        """KIVI buffers are preallocated at construction (``slack``): raise if ``tokens`` do not fit."""
+        """The buffers are sized at construction (``slack``): raise if ``tokens`` more do not fit."""
         if self.free_rows() < tokens:
-            raise ValueError(f"the KIVI cache has room for {self.free_rows()} more tokens, {tokens} needed: "
-                             "build it with a larger slack")
+            raise ValueError(f"the KIVI pool has room for {self.free_rows()} more tokens, {tokens} needed: "
+                             "quantize with a larger slack")
 
     def nbytes(self, include_slack: bool = True) -> int:
-        """Bytes held: all preallocated buffers, or only the live codes/scales/zeros/tails."""
-        if not include_slack:
-            return sum(c.nbytes() for c in self._caches())
-        return sum(t.numel() * t.element_size() for c in self._caches() for t in vars(c).values()
-                   if isinstance(t, torch.Tensor))
+        """Bytes of codes, scales, zeros and tails: all allocated, or only the live rows."""
+        return self.pool.nbytes(include_slack)

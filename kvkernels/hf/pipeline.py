@@ -329,7 +329,7 @@ class CompressedContext:
     def __init__(self, model, tokenizer, prompt: PromptFormat, cache, sink_len: int, keep: float, budget: str,
                  dense_bytes: int, kept_rows: int, kivi_bits: Optional[int] = None):
         self.model, self.tokenizer, self.prompt = model, tokenizer, prompt
-        self.cache = cache  # RaggedPoolCache, or KiviPoolCache after quantize()
+        self.cache = cache  # RaggedPoolCache, or QuantPoolCache after quantize()
         self.sink_len = sink_len
         self.keep = keep
         self.budget = budget
@@ -364,17 +364,19 @@ class CompressedContext:
         return self._dense_bytes
 
     def quantize(self, bits: int = 2, group_size: int = 32, residual: int = 128,
-                 slack: Optional[int] = None) -> "CompressedContext":
+                 slack: Optional[int] = None, flush_after: bool = False) -> "CompressedContext":
         """A KIVI-quantized copy of this context (``bits`` 2 or 4, KIVI's group size and residual window).
 
-        Each (layer, KV head) segment becomes a single-head ``kvkernels.kivi_cache.KiviCache``;
-        ``slack`` (default: this pool's) bounds the question + answer tokens per ask.
+        The whole pool becomes one ``kvkernels.QuantPool`` (one build call for all layers; decode runs one
+        append and one attention op per layer). ``slack`` (default: this pool's) bounds the question +
+        answer tokens per ask; ``flush_after`` picks the flush order (default: KIVI's, the newest rows are
+        attended in full precision before they are quantized).
         """
-        from .kivi import KiviPoolCache
+        from .kivi import QuantPoolCache
 
         if slack is None:
             slack = int((self.pool.seg_cap - self.cache._saved_seg_len).min())
-        cache = KiviPoolCache(self.pool, self.num_tokens, bits, group_size, residual, slack)
+        cache = QuantPoolCache(self.pool, self.num_tokens, bits, group_size, residual, slack, flush_after)
         return CompressedContext(self.model, self.tokenizer, self.prompt, cache, self.sink_len, self.keep,
                                  self.budget, self._dense_bytes, self._kept_rows, kivi_bits=bits)
 
@@ -490,7 +492,7 @@ def compress(model, tokenizer, context: str, keep: Optional[float] = None, *,
             ``kivi_group_size`` and ``kivi_residual`` are KIVI's group size and full-precision window).
         progress: tqdm progress bars (stderr) for the prefill and the scoring, in tokens/s.
         compile: decode answers with the compiled one-token step (:meth:`CompressedContext.compile` with
-            its defaults: Inductor, CUDA graphs on CUDA). Not yet with ``kivi_bits``.
+            its defaults: Inductor, CUDA graphs on CUDA); works with ``kivi_bits`` too.
 
     Every argument is checked before any model work (``ValueError``/``TypeError`` naming it).
     """
