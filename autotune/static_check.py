@@ -135,9 +135,9 @@ def _t(*shape, dtype=torch.float16):
 # Documented shape sets. Lengths are deliberately not multiples of 16 where real ones are not (token
 # counts), so the check sees the unaligned specialisation the launcher would make for them.
 def _ragged_shapes(which: str) -> list[dict]:
-    if which == "ci":
-        return grid(dtype=["bf16", "fp32"], D=[128], G=[4], Lq=[1]) + grid(dtype=["fp16"], D=[64, 256], G=[8],
-                                                                             Lq=[8])
+    if which == "ci":  # decode; 64 query rows (G 8 x Lq 8); fp32; D 64 and 256
+        return (grid(dtype=["bf16"], D=[128], G=[4, 8], Lq=[1, 8]) + grid(dtype=["fp32"], D=[128], G=[4], Lq=[1])
+                + grid(dtype=["fp16"], D=[64, 256], G=[8], Lq=[8]))
     # decode (Lq 1), small Lq (speculative), 64 query rows (wide GQA x Lq / question prefill), prefill
     return grid(dtype=["fp16", "bf16", "fp32"], D=[64, 128, 256], G=[1, 4, 8], Lq=[1, 4, 16, 128])
 
@@ -440,6 +440,36 @@ def cache_dir() -> Path:
     return Path(os.environ.get("KVKERNELS_STATIC_CACHE", Path.home() / ".cache" / "kvkernels" / "static"))
 
 
+# Results committed with the repository, read when the user cache misses: CI (a clean clone) then compiles
+# only the launches whose kernel source, Triton version or options changed since they were committed.
+SEED_DIR = Path(__file__).resolve().parent.parent / "bench" / "results" / "static" / "cache"
+_RESULT_FIELDS = ("regs", "spill_stores", "spill_loads", "smem", "programs_per_sm", "mma", "cp_async", "ld_global",
+                  "error", "seconds")
+WRITE_SEED = [False]  # --write-seed: also store results in SEED_DIR
+
+
+def _cached(key: str) -> Optional[dict]:
+    for folder in (cache_dir(), SEED_DIR):
+        path = folder / f"{key}.json"
+        if path.exists():
+            try:
+                data = json.loads(path.read_text())
+                return {k: data[k] for k in _RESULT_FIELDS}
+            except (OSError, ValueError, KeyError):
+                continue
+    return None
+
+
+def _store(key: str, res: "Result") -> None:
+    for folder in [cache_dir()] + ([SEED_DIR] if WRITE_SEED[0] else []):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{key}.json").write_text(json.dumps({k: getattr(res, k) for k in _RESULT_FIELDS},
+                                                           sort_keys=True))
+        except OSError:
+            pass
+
+
 def compile_one(launch: Launch, target: Target) -> Result:
     import triton
 
@@ -454,15 +484,10 @@ def compile_one(launch: Launch, target: Target) -> Result:
     res = Result(launch.kernel_name, target.name, options["num_warps"], options["num_stages"], cx)
     key = hashlib.sha256(json.dumps([src.hash(), triton.__version__, target.name,
                                      {k: str(v) for k, v in sorted(options.items())}]).encode()).hexdigest()[:32]
-    path = cache_dir() / f"{key}.json"
-    if path.exists():
-        try:
-            cached = json.loads(path.read_text())
-            return dataclasses.replace(res, **{k: cached[k] for k in ("regs", "spill_stores", "spill_loads", "smem",
-                                                                      "programs_per_sm", "mma", "cp_async",
-                                                                      "ld_global", "error", "seconds")})
-        except (OSError, ValueError, KeyError):
-            pass
+    USED_KEYS.add(key)
+    cached = _cached(key)
+    if cached is not None:
+        return dataclasses.replace(res, **cached)
     try:
         _ptxas_logs.text = ""
         ck = triton.compile(src, target=gpu, options=options)
@@ -480,14 +505,12 @@ def compile_one(launch: Launch, target: Target) -> Result:
     except Exception as exc:
         res.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''}"
     res.seconds = round(time.time() - t0, 2)
-    if res.error:
-        return res  # not cached: a compile error is re-checked every run
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(dataclasses.asdict(res)))
-    except OSError:
-        pass
+    if not res.error:  # a compile error is not cached: it is re-checked every run
+        _store(key, res)
     return res
+
+
+USED_KEYS: set = set()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -624,11 +647,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--families", default="", help="comma-separated family or op names (default: all)")
     ap.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     ap.add_argument("--csv-dir", default="", help="write <target>.csv there (the full table)")
+    ap.add_argument("--write-seed", action="store_true",
+                    help=f"also store results in {SEED_DIR} (committed; read by CI when its cache misses)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every row, not only failures")
     args = ap.parse_args(argv)
 
     import triton
 
+    WRITE_SEED[0] = args.write_seed
     wanted = {x for x in args.families.split(",") if x}
     families = [f for f in FAMILIES if not wanted or f.name in wanted or f.op in wanted]
     targets = [TARGETS[int(x)] for x in args.targets.split(",")]
