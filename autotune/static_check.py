@@ -57,12 +57,14 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     # Interpreted kernels cannot be compiled: the check needs real JITFunctions.
     os.environ["TRITON_INTERPRET"] = "0"
 
-# Our own cache (below) replaces Triton's: a kernel Triton read back from its cache would come without
-# the ptxas log we read registers and spills from. Fusion as at run time (Triton 3.9 warns otherwise).
-os.environ.setdefault("TRITON_ALWAYS_COMPILE", "1")
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-
 import torch  # noqa: E402
+
+
+def _compile_env() -> None:
+    """Our own cache replaces Triton's while checking: a kernel Triton read back from its cache would come
+    without the ptxas log we read registers and spills from. Fusion as at run time (Triton 3.9 warns)."""
+    os.environ.setdefault("TRITON_ALWAYS_COMPILE", "1")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -576,6 +578,7 @@ def _launch_key(la: Launch) -> tuple:
 def run_check(families: list[Family], which: str, targets: list[Target], candidates: bool, jobs: int,
               log=print) -> tuple[list[Row], list[str]]:
     rows, host_errors = [], []
+    _compile_env()
     _install_ptxas_tap()
     for target in targets:
         launches, errors = capture(families, which, target, candidates)
@@ -593,6 +596,79 @@ def run_check(families: list[Family], which: str, targets: list[Target], candida
             row.verdict = verdict(row, target)
             rows.append(row)
     return rows, host_errors
+
+
+# ---------------------------------------------------------------------------------------------------
+# Static pruning of autotune candidates (used by the autotune CLI on a GPU)
+def device_target(device: torch.device) -> Target:
+    """The Target of a real CUDA device, with its own limits (from the driver's properties)."""
+    props = torch.cuda.get_device_properties(device)
+    major, minor = props.major, props.minor
+    cc = major * 10 + minor
+    name = f"sm_{cc}a" if cc == 90 else f"sm_{cc}"
+    base = TARGETS.get(cc, TARGETS[80])
+    optin = getattr(props, "shared_memory_per_block_optin", 0) or base.smem_per_block
+    per_sm = getattr(props, "shared_memory_per_multiprocessor", 0) or base.smem_per_sm
+    regs = getattr(props, "regs_per_multiprocessor", 0) or base.regs_per_sm
+    return dataclasses.replace(base, name=name, cc=cc, sms=props.multi_processor_count, smem_per_block=optin,
+                               smem_per_sm=per_sm, regs_per_sm=regs)
+
+
+@contextlib.contextmanager
+def _recording_real(sink: list):
+    """Record the launches of real-tensor host code (no fake tensors, the real device)."""
+    from triton.runtime.jit import JITFunction
+
+    def record(self, *args, grid, warmup=False, **kwargs):
+        sink.append((self, tuple(_stand_in(a) for a in args), {k: _stand_in(v) for k, v in kwargs.items()}))
+        return None
+
+    saved = JITFunction.run
+    JITFunction.run = record
+    try:
+        yield
+    finally:
+        JITFunction.run = saved
+
+
+def launch_problem(fn: Callable, args: tuple, config: dict, target: Target) -> Optional[str]:
+    """Why ``fn(*args, config=config)`` cannot launch on ``target`` (None when every kernel fits).
+
+    Each launch it would make is compiled for the target (or read from the static-check cache) and its
+    shared memory, registers and warps are checked against the target's limits, as the launch would.
+    Mutating ops are safe: nothing runs, every launch is only recorded.
+    """
+    sink: list = []
+    try:
+        with _recording_real(sink):
+            fn(*args, config=config)
+    except Exception as exc:  # the host code rejects the config itself
+        return f"host code: {type(exc).__name__}: {exc}"
+    _compile_env()
+    _install_ptxas_tap()
+    for kernel, kargs, kwargs in sink:
+        la = Launch("", "", kernel, kargs, kwargs, {}, json.dumps(config), "")
+        r = compile_one(la, target)
+        if r.error:
+            return f"{la.kernel_name}: compile error {r.error}"
+        if r.smem > target.smem_per_block:
+            return (f"{la.kernel_name}: {r.smem // 1024} KiB shared memory > {target.smem_per_block // 1024} KiB "
+                    f"per block on {target.name}")
+        if r.programs_per_sm == 0:
+            return f"{la.kernel_name}: {r.regs} registers x {r.num_warps} warps do not fit an SM of {target.name}"
+    return None
+
+
+def prune_candidates(fn: Callable, args: tuple, configs: list, device: torch.device) -> tuple[list, list]:
+    """(configs that fit the device, [(config, reason)] pruned). Nothing is pruned off a GPU."""
+    if device.type != "cuda":
+        return list(configs), []
+    target = device_target(device)
+    kept, pruned = [], []
+    for cfg in configs:
+        why = None if cfg is None else launch_problem(fn, args, cfg, target)
+        (pruned.append((cfg, why)) if why else kept.append(cfg))
+    return kept, pruned
 
 
 CSV_FIELDS = ["family", "op", "kernel", "target", "dtype", "shape", "config", "num_warps", "num_stages", "regs",
