@@ -671,6 +671,78 @@ def prune_candidates(fn: Callable, args: tuple, configs: list, device: torch.dev
     return kept, pruned
 
 
+# ---------------------------------------------------------------------------------------------------
+# The CuPy top-k kernel: its CUDA C++ compiled by NVRTC (no driver needed), resource usage from ptxas -v.
+def _load_nvrtc():
+    """libnvrtc from the ``nvidia-cuda-nvrtc-cu12`` wheel (or the system), through ctypes."""
+    import ctypes
+    import glob
+
+    candidates = []
+    with contextlib.suppress(ImportError):
+        import nvidia.cuda_nvrtc as pkg  # the wheel's namespace package
+
+        for root in pkg.__path__:
+            candidates += sorted(glob.glob(os.path.join(root, "lib", "libnvrtc.so*")))
+    candidates += ["libnvrtc.so.12", "libnvrtc.so"]
+    for name in candidates:
+        with contextlib.suppress(OSError):
+            return ctypes.CDLL(name)
+    raise RuntimeError("no libnvrtc found: pip install nvidia-cuda-nvrtc-cu12")
+
+
+def nvrtc_compile(source: str, cc: int, options: tuple = ()) -> tuple[bytes, str]:
+    """(cubin, log) of ``source`` compiled for sm_<cc> with ptxas -v, by NVRTC through ctypes."""
+    import ctypes
+
+    lib = _load_nvrtc()
+    prog = ctypes.c_void_p()
+    check = lambda rc, what: rc == 0 or (_ for _ in ()).throw(RuntimeError(f"{what}: nvrtc error {rc}"))  # noqa
+    check(lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"topk.cu", 0, None, None), "create")
+    opts = [f"--gpu-architecture=sm_{cc}".encode(), b"--ptxas-options=-v"] + [o.encode() for o in options]
+    arr = (ctypes.c_char_p * len(opts))(*opts)
+    rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    text = log.value.decode(errors="replace")
+    cubin = b""
+    if rc == 0:
+        lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+        buf = ctypes.create_string_buffer(size.value)
+        check(lib.nvrtcGetCUBIN(prog, buf), "get cubin")
+        cubin = buf.raw
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    if rc != 0:
+        raise RuntimeError(f"NVRTC compile failed for sm_{cc}: {text[-2000:]}")
+    return cubin, text
+
+
+def check_cupy_topk(ccs=(80, 90)) -> list[dict]:
+    """Compile kvkernels/cupy/topk.py's CUDA source as CuPy would (``--std=c++14``) for each target and
+    read each kernel's registers, spills and static shared memory from the ptxas log."""
+    from kvkernels.cupy import topk as cupy_topk
+
+    rows = []
+    for cc in ccs:
+        cubin, log = nvrtc_compile(cupy_topk._CUDA_SOURCE, cc, ("--std=c++14",))
+        current = None
+        for line in log.splitlines():
+            m = re.search(r"Compiling entry function '(\w+)'", line)
+            if m:
+                current = {"kernel": m.group(1), "target": f"sm_{cc}", "regs": 0, "spill_stores": 0,
+                           "spill_loads": 0, "smem_static": 0, "cubin_bytes": len(cubin)}
+                rows.append(current)
+            elif current is not None:
+                for key, rx in (("regs", r"Used (\d+) registers"), ("spill_stores", r"(\d+) bytes spill stores"),
+                                ("spill_loads", r"(\d+) bytes spill loads"), ("smem_static", r"(\d+) bytes smem")):
+                    found = re.search(rx, line)
+                    if found:
+                        current[key] = int(found.group(1))
+    return rows
+
+
 CSV_FIELDS = ["family", "op", "kernel", "target", "dtype", "shape", "config", "num_warps", "num_stages", "regs",
               "spill_stores", "spill_loads", "smem", "programs_per_sm", "mma", "cp_async", "ld_global",
               "constexprs", "verdict"]
@@ -725,6 +797,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--csv-dir", default="", help="write <target>.csv there (the full table)")
     ap.add_argument("--write-seed", action="store_true",
                     help=f"also store results in {SEED_DIR} (committed; read by CI when its cache misses)")
+    ap.add_argument("--cupy", action="store_true",
+                    help="also compile the CuPy top-k CUDA source with NVRTC (needs nvidia-cuda-nvrtc-cu12)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every row, not only failures")
     args = ap.parse_args(argv)
 
@@ -755,6 +829,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     for e in host_errors:
         print("FAIL host:", e)
     n_fail = len(failures) + len(host_errors)
+    if args.cupy:
+        try:
+            cupy_rows = check_cupy_topk(tuple(t.cc for t in targets))
+        except Exception as exc:
+            print(f"FAIL cupy topk: {exc}")
+            n_fail += 1
+        else:
+            for r in cupy_rows:
+                spill = r["spill_stores"] + r["spill_loads"]
+                print(f"cupy {r['target']:6} {r['kernel']:18} regs {r['regs']:3d} spill {spill} B "
+                      f"smem(static) {r['smem_static']} B")
+                n_fail += bool(spill)
+            if args.csv_dir:
+                with (Path(args.csv_dir) / "cupy_topk.csv").open("w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=list(cupy_rows[0]))
+                    w.writeheader()
+                    w.writerows(cupy_rows)
     print(f"{len(rows)} launches checked, {n_fail} failures, {time.time() - t0:.0f}s")
     return 1 if n_fail else 0
 
