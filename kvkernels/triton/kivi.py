@@ -442,7 +442,9 @@ def _kivi_attn_kernel(
         # qW once per program: logits of quantized keys gain (q.W_k).U_kᵀ, never a dense D x T matrix.
         kw = tl.load(kw_ptr + b * skwb + h * skwh + dims[:, None] * skwd + ranks[None, :] * skwr,
                      mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-        qw = tl.dot(q.to(tl.float32), kw.to(tl.float32), input_precision=DOT_PREC)
+        # In the cache dtype: fp32 operands in these small dots (tf32 for fp16/bf16) pushed the kernel past
+        # 255 registers and spilled (static check); fp32 inputs keep IEEE fp32 (DT is fp32 there).
+        qw = tl.dot(q, kw.to(DT), input_precision=DOT_PREC).to(DT)
     acc_r = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -485,7 +487,7 @@ def _kivi_attn_kernel(
         if HAS_KLR:
             ku = tl.load(ku_ptr + b * skub + h * skuh + toks[:, None] * skut + ranks[None, :] * skur,
                          mask=k_quant[:, None] & r_ok[None, :], other=0.0)
-            s += tl.dot(qw, tl.trans(ku.to(tl.float32)), input_precision=DOT_PREC)
+            s += tl.dot(qw, tl.trans(ku.to(DT)), input_precision=DOT_PREC)
         visible = (toks[None, :] <= last_visible[:, None]) & in_seq[None, :]
         s = tl.where(visible, s * qk_scale, float("-inf"))
 
@@ -520,7 +522,7 @@ def _kivi_attn_kernel(
         if HAS_VLR:
             vu = tl.load(vu_ptr + b * svub + h * svuh + toks[:, None] * svut + ranks[None, :] * svur,
                          mask=v_quant[:, None] & r_ok[None, :], other=0.0)
-            acc_r = acc_r * alpha[:, None] + tl.dot(p, vu.to(tl.float32), input_precision=DOT_PREC)
+            acc_r = acc_r * alpha[:, None] + tl.dot(p.to(DT), vu.to(DT), input_precision=DOT_PREC)
 
     if HAS_VLR:
         # (p.U_v).W_vᵀ once per program; the split merge is linear, so applying it here is exact.
@@ -614,6 +616,10 @@ def _attn_default(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail,
     # sm_90 with Triton 3.9, 245 KiB at D = 128 and 487 KiB at D = 256 (OutOfResources at launch), against
     # 45 / 86 KiB with one stage. fp16/bf16 use 25-51 KiB with two.
     stages = 1 if q.dtype == torch.float32 else 2
+    if D > 128 or q.dtype == torch.float32:
+        # D = 256 (fp16/bf16): 64-token tiles needed 186 KiB of shared memory (more than an A100 block may
+        # have) and spilled on sm_90a; fp32 dots hold both operands in registers. Half-size tiles fit.
+        block_n = 32
     return {"BLOCK_N": block_n, "NUM_SPLITS": max(1, min(want, most, 64)), "num_warps": 4, "num_stages": stages}
 
 
