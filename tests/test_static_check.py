@@ -67,3 +67,19 @@ def test_pruning_names_a_candidate_that_does_not_fit():
     why = next(line for line in out.stdout.splitlines() if line.startswith("WHY"))
     assert "shared memory" in why and "per block" in why, why
     assert "FITS None" in out.stdout, out.stdout
+
+
+def test_cupy_topk_source_compiles_with_nvrtc_for_sm80_and_sm90():
+    from autotune import static_check as sc
+
+    try:
+        sc._load_nvrtc()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))  # the NVRTC wheel is optional: pip install nvidia-cuda-nvrtc-cu12
+    rows = sc.check_cupy_topk((80, 90))
+    kernels = {"topk_rows", "topk_span_hist", "topk_select", "topk_span_ties", "topk_span_write"}
+    for target in ("sm_80", "sm_90"):
+        got = {r["kernel"]: r for r in rows if r["target"] == target}
+        assert set(got) == kernels, got
+        for r in got.values():
+            assert 0 < r["regs"] <= 255 and r["spill_stores"] == r["spill_loads"] == 0, r
