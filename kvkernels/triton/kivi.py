@@ -616,9 +616,12 @@ def _attn_default(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail,
     # sm_90 with Triton 3.9, 245 KiB at D = 128 and 487 KiB at D = 256 (OutOfResources at launch), against
     # 45 / 86 KiB with one stage. fp16/bf16 use 25-51 KiB with two.
     stages = 1 if q.dtype == torch.float32 else 2
-    if D > 128 or q.dtype == torch.float32:
+    if D > 128 or q.dtype == torch.float32 or k_lr_u is not None or v_lr_u is not None:
         # D = 256 (fp16/bf16): 64-token tiles needed 186 KiB of shared memory (more than an A100 block may
         # have) and spilled on sm_90a; fp32 dots hold both operands in registers. Half-size tiles fit.
+        # GEAR low rank (bf16, D = 128, rank 4): 64-token tiles spill 600 B per thread on sm_90a, 32-token
+        # tiles 224 B at 2 programs per SM (8 warps: 120 B at 1 program per SM). Still not spill-free:
+        # see KNOWN_SPILLS in autotune/static_check.py.
         block_n = 32
     return {"BLOCK_N": block_n, "NUM_SPLITS": max(1, min(want, most, 64)), "num_warps": 4, "num_stages": stages}
 
