@@ -266,7 +266,11 @@ FAMILIES: list[Family] = [
 # fp32 GPU defaults that may spill: kernel -> (most spill bytes per thread, stores + loads, and why).
 # The check fails on any other fp32 spill, or on more than the bound. fp32 inputs are the correctness path
 # (IEEE fp32 tl.dot runs on FMA units with both operands in registers); fp16/bf16 must never spill.
-FP32_SPILL_ALLOWED: dict[str, tuple[int, str]] = {}
+FP32_SPILL_ALLOWED: dict[str, tuple[int, str]] = {
+    "_ragged_chunks_kernel": (64, "sm_80, fp32 D = 128 with 32-row K/V tiles: 8 B (was 380 B with 64-row tiles)"),
+    "_lse_kernel": (2048, "kvzip_score fp32 D = 128 on sm_90a: 32 x 32 tiles spill ~1.8 KB (was ~88 KB with "
+                          "64 x 64); sm_80 does not spill; 16-row tiles untried"),
+}
 
 # fp16/bf16 defaults with a known, bounded spill that is not fixed yet: (kernel, shape predicate, most
 # spill bytes per thread, why). Each entry is an open defect, listed in bench/results/static/README.md.

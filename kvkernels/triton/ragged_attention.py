@@ -330,7 +330,9 @@ def default_config(q, k_pool, v_pool, seg_start, seg_len, sm_scale=None, return_
     if q.dtype == torch.float32:
         cfg.update(BLOCK_N=32)
     if rows > 32 and D >= 128 and cfg["BLOCK_M"] > 32:
-        cfg.update(num_warps=8)
+        # 186 registers x 8 warps: one program per SM is resident (static check), so the persistent grid
+        # is sized for one; the SM still runs 8 warps, as two 4-warp programs would.
+        cfg.update(num_warps=8, programs_per_sm=1)
     return cfg
 
 
