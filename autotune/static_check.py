@@ -53,10 +53,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    # Interpreted kernels cannot be compiled: the check needs real JITFunctions.
-    os.environ["TRITON_INTERPRET"] = "0"
-
 import torch  # noqa: E402
 
 
@@ -820,6 +816,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="also compile the CuPy top-k CUDA source with NVRTC (needs nvidia-cuda-nvrtc-cu12)")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every row, not only failures")
     args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        # Interpreted kernels cannot be compiled: the check needs real JITFunctions (set before the kernel
+        # modules are imported; only here, never at import, so importing this module changes nothing).
+        os.environ["TRITON_INTERPRET"] = "0"
 
     import triton
 
