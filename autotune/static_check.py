@@ -499,7 +499,10 @@ def compile_one(launch: Launch, target: Target) -> Result:
     USED_KEYS.add(key)
     cached = _cached(key)
     if cached is not None:
-        return dataclasses.replace(res, **cached)
+        res = dataclasses.replace(res, **cached)
+        # Occupancy depends on the target's limits, not only its name (a device may differ): recompute.
+        res.programs_per_sm = programs_per_sm(target, res.regs, res.smem, res.num_warps)
+        return res
     try:
         _ptxas_logs.text = ""
         ck = triton.compile(src, target=gpu, options=options)
