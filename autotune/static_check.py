@@ -312,6 +312,15 @@ def _stand_in(a):
     return a
 
 
+def _recorder(sink: list):
+    """A stand-in for ``JITFunction.run``: appends (kernel, args, kwargs) to ``sink`` and launches nothing."""
+    def record(self, *args, grid, warmup=False, **kwargs):
+        sink.append((self, tuple(_stand_in(a) for a in args), {k: _stand_in(v) for k, v in kwargs.items()}))
+        return None
+
+    return record
+
+
 @contextlib.contextmanager
 def _recording(target: Target, sink: list):
     """Inside: Triton launches are recorded instead of run; tuned tables are off; the GPU is `target`."""
@@ -320,10 +329,7 @@ def _recording(target: Target, sink: list):
 
     from kvkernels import tuning
 
-    def record(self, *args, grid, warmup=False, **kwargs):
-        sink.append((self, tuple(_stand_in(a) for a in args), {k: _stand_in(v) for k, v in kwargs.items()}))
-        return None
-
+    record = _recorder(sink)
     saved = (JITFunction.run, tuning.lookup, torch.cuda.get_device_properties, torch.cuda.is_available)
     JITFunction.run = record
     tuning.lookup = lambda *a, **k: None
@@ -639,12 +645,8 @@ def _recording_real(sink: list):
     """Record the launches of real-tensor host code (no fake tensors, the real device)."""
     from triton.runtime.jit import JITFunction
 
-    def record(self, *args, grid, warmup=False, **kwargs):
-        sink.append((self, tuple(_stand_in(a) for a in args), {k: _stand_in(v) for k, v in kwargs.items()}))
-        return None
-
     saved = JITFunction.run
-    JITFunction.run = record
+    JITFunction.run = _recorder(sink)
     try:
         yield
     finally:
