@@ -508,6 +508,8 @@ def compile_one(launch: Launch, target: Target) -> Result:
     cached = _cached(key)
     if cached is not None:
         res = dataclasses.replace(res, **cached)
+        if WRITE_SEED[0] and not (SEED_DIR / f"{key}.json").exists():
+            _store(key, res)  # a result only in the user cache joins the committed seed
         # Occupancy depends on the target's limits, not only its name (a device may differ): recompute.
         res.programs_per_sm = programs_per_sm(target, res.regs, res.smem, res.num_warps)
         return res
