@@ -129,6 +129,22 @@ def candidate_configs(backend: Backend, args: tuple, max_configs: Optional[int])
     return space
 
 
+def prune_unlaunchable(op: str, backend: Backend, args: tuple, configs: list, device: torch.device) -> list:
+    """Drop the candidates that cannot launch on this GPU (shared memory, registers), saying which and why.
+
+    Each candidate's launches are compiled for the device ahead of time (``autotune.static_check``) instead
+    of being tried and failing at launch. Off a GPU, or for a backend that is not Triton, nothing is pruned.
+    """
+    if backend.name != "triton" or device.type != "cuda" or not backend.tunable:
+        return configs
+    from .static_check import prune_candidates
+
+    kept, pruned = prune_candidates(backend.fn, args, configs, device)
+    for cfg, why in pruned:
+        log(f"{op}: pruned {json.dumps(cfg, sort_keys=True)}: {why}")
+    return kept
+
+
 # ---------------------------------------------------------------------------------------------------
 # Tuning one grid point
 @dataclass
@@ -190,6 +206,7 @@ def tune_point(wl: Workload, point: dict, backends: list[Backend], s: TuneSettin
     for backend in backends:
         key = backend.key(first)
         configs = candidate_configs(backend, first, s.max_configs)
+        configs = prune_unlaunchable(wl.op, backend, first, configs, s.device)
         if progress is not None:
             progress.total += len(configs)
             progress.refresh()

@@ -428,7 +428,57 @@ def quant_pool_cases(smoke: bool) -> list[Case]:
     return cases
 
 
+def headline_cases(smoke: bool) -> list[Case]:
+    """The few numbers tier 1 of ``bench/gpu_report.sh`` must bring back (see bench/README.md):
+    ragged decode at keep 0.3 vs SDPA on the full cache (with GB/s vs the measured copy), fused KIVI-2 vs
+    SDPA at a 32K context, kvzip_score vs one SDPA forward over the same rows, topk_mask over 1e8 scores.
+    Eager and CUDA-graph replays; no references (minutes at these sizes)."""
+    if smoke:
+        ragged = grid(B=[1], Hkv=[2], G=[2], D=[64], N=[96], keep=[0.3], Lq=[1], dtype=["fp16"])
+        kivi = grid(B=[1], Hkv=[2], G=[2], D=[64], T=[96], tail=[32], bits=[2], group=[32], Lq=[1], rank=[0],
+                    dtype=["fp16"])
+        kvzip = WORKLOADS["kvzip_score"].points("tiny")
+        topk = grid(R=[1], M=[1000], keep=[0.3])
+    else:
+        ragged = grid(B=[8], Hkv=[8], G=[4], D=[128], N=[32768], keep=[0.3], Lq=[1], dtype=["bf16"])
+        kivi = grid(B=[8], Hkv=[8], G=[4], D=[128], T=[32704], tail=[64], bits=[2], group=[32], Lq=[1], rank=[0],
+                    dtype=["bf16"])
+        kvzip = grid(B=[1], Hkv=[8], G=[4], D=[128], Lq=[2048], N=[2048], sink=[64], dtype=["bf16"])
+        topk = grid(R=[1], M=[10**8], keep=[0.3])
+    cases = []
+    for p in ragged:
+        dense = {k: v for k, v in p.items() if k != "keep"}
+        cases += [Case("ragged", "ragged_attention", "kvkernels", p, op_impl("ragged_attention", "triton"),
+                       context=p["N"], keep=p["keep"]),
+                  Case("ragged", "ragged_attention", "kvkernels_graph", p,
+                       graphed(op_impl("ragged_attention", "triton")), context=p["N"], keep=p["keep"]),
+                  Case("ragged", "ragged_attention", "sdpa_dense", dense, sdpa_dense(lambda q: q["N"]),
+                       context=p["N"], keep=1.0),
+                  Case("ragged", "ragged_attention", "sdpa_dense_graph", dense,
+                       graphed(sdpa_dense(lambda q: q["N"])), context=p["N"], keep=1.0)]
+    for p in kivi:
+        ctx = p["T"] + p["tail"]
+        dense = {k: p[k] for k in ("B", "Hkv", "G", "D", "Lq", "dtype")} | {"N": ctx}
+        cases += [Case("kivi", "kivi_attention", "kvkernels", p, op_impl("kivi_attention", "triton"), context=ctx),
+                  Case("kivi", "kivi_attention", "kvkernels_graph", p, graphed(op_impl("kivi_attention", "triton")),
+                       context=ctx),
+                  Case("kivi", "kivi_attention", "sdpa_dense", dense, sdpa_dense(lambda q: q["N"]), context=ctx),
+                  Case("kivi", "kivi_attention", "sdpa_dense_graph", dense, graphed(sdpa_dense(lambda q: q["N"])),
+                       context=ctx)]
+    for p in kvzip:
+        # One SDPA forward of the same Lq rows over sink + chunk keys: what scoring costs against attention.
+        cases += [Case("kvzip", "kvzip_score", "kvkernels", p, op_impl("kvzip_score", "triton"), context=p["N"]),
+                  Case("kvzip", "kvzip_score", "sdpa_dense", p, sdpa_dense(lambda q: q["N"] + q["sink"]),
+                       context=p["N"])]
+    for p in topk:
+        cases += [Case("topk", "topk_mask", impl, p, make, context=p["M"], keep=p["keep"])
+                  for impl, make in (("kvkernels", op_impl("topk_mask", "triton")),
+                                     ("cupy", op_impl("topk_mask", "cupy")), ("torch_topk", torch_topk))]
+    return cases
+
+
 CASES = {
+    "headline": headline_cases,  # not in FAMILIES: a selection of the others' cases, for gpu_report tier 1
     "ragged": ragged_cases,
     "kivi": kivi_cases,
     "topk": topk_cases,

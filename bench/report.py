@@ -224,9 +224,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     device = harness.bench_device()
     smoke = args.smoke or device.type == "cpu"
     families = [f.strip() for f in args.families.split(",") if f.strip()]
-    unknown = set(families) - set(_cases.FAMILIES)
+    unknown = set(families) - set(_cases.CASES)
     if unknown:
-        print(f"unknown families: {sorted(unknown)}; known: {', '.join(_cases.FAMILIES)}", file=sys.stderr)
+        print(f"unknown families: {sorted(unknown)}; known: {', '.join(_cases.CASES)}", file=sys.stderr)
         return 2
     _cases.ALLOW_CPU_FLEX = args.flex
     selected = _cases.all_cases(families, smoke=smoke)

@@ -456,3 +456,20 @@ def test_nvtx_range_pushes_and_pops_with_nvtx_package(monkeypatch):
         assert _nvtx.source() == "disabled" and len(events) == 4
     finally:
         _nvtx.reset()
+
+
+def test_headline_cases_cover_tier1_numbers():
+    """bench/gpu_report.sh --tier 1 runs `bench.report --families headline`: its cases are the issue's numbers."""
+    from bench import cases
+
+    got = {(c.op, c.impl) for c in cases.headline_cases(smoke=False)}
+    for pair in [("ragged_attention", "kvkernels"), ("ragged_attention", "sdpa_dense"),
+                 ("kivi_attention", "kvkernels"), ("kivi_attention", "sdpa_dense"),
+                 ("kvzip_score", "kvkernels"), ("kvzip_score", "sdpa_dense"),
+                 ("topk_mask", "kvkernels"), ("topk_mask", "torch_topk")]:
+        assert pair in got, pair
+    ragged = [c for c in cases.headline_cases(smoke=False) if c.impl == "kvkernels" and c.op == "ragged_attention"]
+    assert ragged[0].params["keep"] == 0.3
+    topk = [c for c in cases.headline_cases(smoke=False) if c.op == "topk_mask"]
+    assert topk[0].params["M"] == 10**8
+    assert "headline" in cases.CASES and "headline" not in cases.FAMILIES

@@ -123,6 +123,18 @@ def _unpack_cols(words, ROWS: tl.constexpr, WCOLS: tl.constexpr, BITS: tl.conste
     return tl.reshape(c, (ROWS, WCOLS * F))
 
 
+@triton.jit
+def _rows_to_tokens(rows, NR: tl.constexpr, PER: tl.constexpr, COLS: tl.constexpr):
+    """[NR, COLS] per-group rows -> [NR*PER, COLS]: row r repeated for the PER tokens of its group."""
+    return tl.reshape(tl.broadcast_to(rows[:, None, :], (NR, PER, COLS)), (NR * PER, COLS))
+
+
+@triton.jit
+def _cols_to_channels(cols, ROWS: tl.constexpr, NC: tl.constexpr, PER: tl.constexpr):
+    """[ROWS, NC] per-group columns -> [ROWS, NC*PER]: column c repeated for the PER channels of its group."""
+    return tl.reshape(tl.broadcast_to(cols[:, :, None], (ROWS, NC, PER)), (ROWS, NC * PER))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Quantize (and the fused quantize -> dequantize -> error step)
 
@@ -430,7 +442,9 @@ def _kivi_attn_kernel(
         # qW once per program: logits of quantized keys gain (q.W_k).U_kᵀ, never a dense D x T matrix.
         kw = tl.load(kw_ptr + b * skwb + h * skwh + dims[:, None] * skwd + ranks[None, :] * skwr,
                      mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-        qw = tl.dot(q.to(tl.float32), kw.to(tl.float32), input_precision=DOT_PREC)
+        # In the cache dtype: fp32 operands in these small dots (tf32 for fp16/bf16) pushed the kernel past
+        # 255 registers and spilled (static check); fp32 inputs keep IEEE fp32 (DT is fp32 there).
+        qw = tl.dot(q, kw.to(DT), input_precision=DOT_PREC).to(DT)
     acc_r = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -439,6 +453,8 @@ def _kivi_attn_kernel(
 
     WN: tl.constexpr = BLOCK_N // F   # key words per tile (keys pack along tokens)
     WD: tl.constexpr = BLOCK_D // F   # value words per row (values pack along channels)
+    KG: tl.constexpr = BLOCK_N // GROUP if BLOCK_N > GROUP else 1  # key groups per tile
+    VG: tl.constexpr = BLOCK_D // GROUP if BLOCK_D > GROUP else 1  # value channel groups per row
     wcols = tl.arange(0, WD)
     start = pid_s * tokens_per_split
     end = tl.minimum(start + tokens_per_split, T)
@@ -452,10 +468,16 @@ def _kivi_attn_kernel(
         kwords = tl.load(kc_ptr + b * skcb + h * skch + wrows[:, None] * skct + dims[None, :] * skcd,
                          mask=(wrows < Tk // F)[:, None] & d_ok[None, :], other=0)
         kcodes = _unpack_rows(kwords, WN, BLOCK_D, BITS, F)
-        kq_mask = k_quant[:, None] & d_ok[None, :]
-        kg = b * sksb + h * sksh + (toks // GROUP)[:, None] * skst + dims[None, :] * sksd
-        ksc = tl.load(ks_ptr + kg, mask=kq_mask, other=0.0).to(tl.float32)
-        kze = tl.load(kz_ptr + kg, mask=kq_mask, other=0.0).to(tl.float32)
+        # Key scale/zero: one row per group of GROUP tokens, so the tile needs KG rows, loaded once each
+        # and broadcast to the group's tokens in registers (tiles start at multiples of min(BLOCK_N,
+        # GROUP), so a tile holds whole groups or lies inside one).
+        kgrp = n0 // GROUP + tl.arange(0, KG).to(tl.int64)
+        kg = b * sksb + h * sksh + kgrp[:, None] * skst + dims[None, :] * sksd
+        kg_mask = (kgrp < Tk // GROUP)[:, None] & d_ok[None, :]
+        ksc = _rows_to_tokens(tl.load(ks_ptr + kg, mask=kg_mask, other=0.0).to(tl.float32), KG, BLOCK_N // KG,
+                              BLOCK_D)
+        kze = _rows_to_tokens(tl.load(kz_ptr + kg, mask=kg_mask, other=0.0).to(tl.float32), KG, BLOCK_N // KG,
+                              BLOCK_D)
         k_deq = (kcodes.to(tl.float32) * ksc + kze).to(DT)
         ktail = tl.load(kt_ptr + b * sktb + h * skth + (toks - Tk)[:, None] * sktt + dims[None, :] * sktd,
                         mask=(~k_quant & in_seq)[:, None] & d_ok[None, :], other=0.0)
@@ -465,7 +487,7 @@ def _kivi_attn_kernel(
         if HAS_KLR:
             ku = tl.load(ku_ptr + b * skub + h * skuh + toks[:, None] * skut + ranks[None, :] * skur,
                          mask=k_quant[:, None] & r_ok[None, :], other=0.0)
-            s += tl.dot(qw, tl.trans(ku.to(tl.float32)), input_precision=DOT_PREC)
+            s += tl.dot(qw, tl.trans(ku.to(DT)), input_precision=DOT_PREC)
         visible = (toks[None, :] <= last_visible[:, None]) & in_seq[None, :]
         s = tl.where(visible, s * qk_scale, float("-inf"))
 
@@ -482,10 +504,15 @@ def _kivi_attn_kernel(
         vwords = tl.load(vc_ptr + b * svcb + h * svch + toks[:, None] * svct + wcols[None, :] * svcd,
                          mask=v_quant[:, None] & (wcols < D // F)[None, :], other=0)
         vcodes = _unpack_cols(vwords, BLOCK_N, WD, BITS, F)
-        vq_mask = v_quant[:, None] & d_ok[None, :]
-        vg = b * svsb + h * svsh + toks[:, None] * svst + (dims // GROUP)[None, :] * svsd
-        vsc = tl.load(vs_ptr + vg, mask=vq_mask, other=0.0).to(tl.float32)
-        vze = tl.load(vz_ptr + vg, mask=vq_mask, other=0.0).to(tl.float32)
+        # Value scale/zero: VG groups of channels per token, loaded as [BLOCK_N, VG] vectors and broadcast
+        # to the group's GROUP channels in registers.
+        vgrp = tl.arange(0, VG)
+        vg = b * svsb + h * svsh + toks[:, None] * svst + vgrp[None, :] * svsd
+        vg_mask = v_quant[:, None] & (vgrp < D // GROUP)[None, :]
+        vsc = _cols_to_channels(tl.load(vs_ptr + vg, mask=vg_mask, other=0.0).to(tl.float32), BLOCK_N, VG,
+                                BLOCK_D // VG)
+        vze = _cols_to_channels(tl.load(vz_ptr + vg, mask=vg_mask, other=0.0).to(tl.float32), BLOCK_N, VG,
+                                BLOCK_D // VG)
         v_deq = (vcodes.to(tl.float32) * vsc + vze).to(DT)
         vtail = tl.load(vt_ptr + b * svtb + h * svth + (toks - Tv)[:, None] * svtt + dims[None, :] * svtd,
                         mask=(~v_quant & in_seq)[:, None] & d_ok[None, :], other=0.0)
@@ -495,7 +522,7 @@ def _kivi_attn_kernel(
         if HAS_VLR:
             vu = tl.load(vu_ptr + b * svub + h * svuh + toks[:, None] * svut + ranks[None, :] * svur,
                          mask=v_quant[:, None] & r_ok[None, :], other=0.0)
-            acc_r = acc_r * alpha[:, None] + tl.dot(p, vu.to(tl.float32), input_precision=DOT_PREC)
+            acc_r = acc_r * alpha[:, None] + tl.dot(p.to(DT), vu.to(DT), input_precision=DOT_PREC)
 
     if HAS_VLR:
         # (p.U_v).W_vᵀ once per program; the split merge is linear, so applying it here is exact.
@@ -589,6 +616,13 @@ def _attn_default(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail,
     # sm_90 with Triton 3.9, 245 KiB at D = 128 and 487 KiB at D = 256 (OutOfResources at launch), against
     # 45 / 86 KiB with one stage. fp16/bf16 use 25-51 KiB with two.
     stages = 1 if q.dtype == torch.float32 else 2
+    if D > 128 or q.dtype == torch.float32 or k_lr_u is not None or v_lr_u is not None:
+        # D = 256 (fp16/bf16): 64-token tiles needed 186 KiB of shared memory (more than an A100 block may
+        # have) and spilled on sm_90a; fp32 dots hold both operands in registers. Half-size tiles fit.
+        # GEAR low rank (bf16, D = 128, rank 4): 64-token tiles spill 600 B per thread on sm_90a, 32-token
+        # tiles 224 B at 2 programs per SM (8 warps: 120 B at 1 program per SM). Still not spill-free:
+        # see KNOWN_SPILLS in autotune/static_check.py.
+        block_n = 32
     return {"BLOCK_N": block_n, "NUM_SPLITS": max(1, min(want, most, 64)), "num_warps": 4, "num_stages": stages}
 
 

@@ -313,12 +313,26 @@ def _shape_key(q, k_pool, v_pool, seg_start, seg_len, sm_scale=None, return_lse=
 
 
 def default_config(q, k_pool, v_pool, seg_start, seg_len, sm_scale=None, return_lse=False) -> dict:
-    """The documented heuristic: 256-row chunks of 64-row tiles (32 at D = 256); small chunks on CPU."""
+    """The documented heuristic: 256-row chunks of 64-row tiles (32 at D = 256); small chunks on CPU.
+
+    Register budget (checked by ``python -m autotune.static_check``): more than 32 query rows (wide GQA,
+    several query positions, question prefill) at D >= 128 run on 8 warps, because the [64, D] fp32
+    accumulator plus the Q, K and V tiles of 4 warps pass 255 registers per thread and spill; fp32 inputs
+    use 32-row K/V tiles (the fp32 dots keep both operands in registers).
+    """
     if q.device.type != "cuda":
         return dict(_INTERPRETER_DEFAULT)
     cfg = dict(_GPU_DEFAULT)
-    if q.shape[-1] > 128:
+    D = q.shape[-1]
+    rows = (q.shape[1] // max(seg_start.shape[1], 1)) * q.shape[2]
+    if D > 128:
         cfg.update(BLOCK_N=32, BLOCK_M=32)
+    if q.dtype == torch.float32:
+        cfg.update(BLOCK_N=32)
+    if rows > 32 and D >= 128 and cfg["BLOCK_M"] > 32:
+        # 186 registers x 8 warps: one program per SM is resident (static check), so the persistent grid
+        # is sized for one; the SM still runs 8 warps, as two 4-warp programs would.
+        cfg.update(num_warps=8, programs_per_sm=1)
     return cfg
 
 

@@ -108,54 +108,83 @@ def _keep_tile(ukey, valid, threshold, k_rem, ties_before):
     return keep, tl.sum(tie_i, 0)
 
 
+@triton.jit
+def _row_lead(x_ptr, row, stride_r, CONTIG: tl.constexpr):
+    """(aligned row base, lead): tiles of a contiguous row start `lead` elements before it, at a multiple
+    of 4 floats, so every tile load is 16-byte aligned and vectorises whatever the row length.
+
+    Without this, a row length that is not a multiple of 16 (most token counts) leaves the row's start
+    alignment unknown to the compiler, and every load becomes a 4-byte scalar load. ``(base // 4) * 4`` is
+    provably a multiple of 4; the positions before the row (at most 3) are masked.
+    """
+    base = row * stride_r
+    if CONTIG:
+        aligned = (base // 4) * 4
+        return aligned, (base - aligned).to(tl.int32)
+    return base, (row * 0).to(tl.int32)
+
+
 # --------------------------------------------------------------------------------------------------
 # SPAN == 0: one program per row, everything in one launch.
 @triton.jit
-def _topk_rows_kernel(x_ptr, out_ptr, M, k, stride_r, stride_m, BLOCK: tl.constexpr):
+def _topk_rows_kernel(x_ptr, out_ptr, M, k, stride_r, stride_m, BLOCK: tl.constexpr, CONTIG: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_r
+    x_base, lead = _row_lead(x_ptr, row, stride_r, CONTIG)
     out_row = out_ptr + row * M
     lanes = tl.arange(0, BLOCK)
     zero = tl.program_id(0) * 0  # an int32 scalar *tensor* (k may arrive as the constexpr 1)
+    # Tile positions t cover row positions t - lead; M + 3 >= M + lead bounds them with no loaded value.
+    n_pos = M + 3 if CONTIG else M
 
     prefix = zero
     k_rem = k + zero
     for PASS in tl.static_range(4):
         hist = tl.zeros((256,), tl.int32)
-        for start in range(0, M, BLOCK):
-            offs = start + lanes
-            valid = offs < M
-            x = tl.load(x_row + offs.to(tl.int64) * stride_m, mask=valid, other=0.0)
+        for start in range(0, n_pos, BLOCK):
+            offs = start + lanes - lead
+            valid = (offs >= 0) & (offs < M)
+            x = _load_scores(x_ptr, x_base, start + lanes, offs, valid, stride_m, CONTIG)
             hist += _digit_histogram(_radix_key(x), valid, prefix, PASS)
         digit, n_above = _pick_digit(hist, k_rem)
         prefix = prefix | (digit << (24 - 8 * PASS))
         k_rem = k_rem - n_above
 
     ties_before = zero
-    for start in range(0, M, BLOCK):
-        offs = start + lanes
-        valid = offs < M
-        x = tl.load(x_row + offs.to(tl.int64) * stride_m, mask=valid, other=0.0)
+    for start in range(0, n_pos, BLOCK):
+        offs = start + lanes - lead
+        valid = (offs >= 0) & (offs < M)
+        x = _load_scores(x_ptr, x_base, start + lanes, offs, valid, stride_m, CONTIG)
         keep, n_ties = _keep_tile(_radix_key(x), valid, prefix, k_rem, ties_before)
         tl.store(out_row + offs, keep.to(tl.int8), mask=valid)
         ties_before += n_ties
+
+
+@triton.jit
+def _load_scores(x_ptr, x_base, pos, offs, valid, stride_m, CONTIG: tl.constexpr):
+    """One tile of scores: contiguous rows by aligned tile position, strided rows by row position."""
+    if CONTIG:
+        return tl.load(x_ptr + x_base + pos.to(tl.int64), mask=valid, other=0.0)
+    return tl.load(x_ptr + x_base + offs.to(tl.int64) * stride_m, mask=valid, other=0.0)
 
 
 # --------------------------------------------------------------------------------------------------
 # SPAN > 0: a grid over (row, span) per pass. state[row] = (prefix, k_rem); hist[row] = 256 counts.
 @triton.jit
 def _span_histogram_kernel(x_ptr, hist_ptr, state_ptr, M, stride_r, stride_m, parts,
-                           PASS: tl.constexpr, BLOCK: tl.constexpr, CHUNKS: tl.constexpr):
+                           PASS: tl.constexpr, BLOCK: tl.constexpr, CHUNKS: tl.constexpr, CONTIG: tl.constexpr):
     pid = tl.program_id(0)
     row = (pid // parts).to(tl.int64)
+    # Spans cut the aligned tile positions (see _row_lead), so with CONTIG they start `lead` before the row.
     span_start = (pid % parts).to(tl.int64) * (BLOCK * CHUNKS)
+    x_base, lead = _row_lead(x_ptr, row, stride_r, CONTIG)
     prefix = tl.load(state_ptr + row * 2)
     lanes = tl.arange(0, BLOCK)
     hist = tl.zeros((256,), tl.int32)
     for c in range(0, CHUNKS):
-        offs = span_start + c * BLOCK + lanes
-        valid = offs < M
-        x = tl.load(x_ptr + row * stride_r + offs * stride_m, mask=valid, other=0.0)
+        pos = span_start + c * BLOCK + lanes
+        offs = pos - lead
+        valid = (offs >= 0) & (offs < M)
+        x = _load_scores(x_ptr, x_base, pos, offs, valid, stride_m, CONTIG)
         hist += _digit_histogram(_radix_key(x), valid, prefix, PASS)
     bins = tl.arange(0, 256)
     # Empty bins are skipped: in the later passes most bins of most spans are empty.
@@ -177,35 +206,39 @@ def _select_digit_kernel(hist_ptr, state_ptr, PASS: tl.constexpr):
 
 @triton.jit
 def _span_tie_count_kernel(x_ptr, state_ptr, ties_ptr, M, stride_r, stride_m, parts,
-                           BLOCK: tl.constexpr, CHUNKS: tl.constexpr):
+                           BLOCK: tl.constexpr, CHUNKS: tl.constexpr, CONTIG: tl.constexpr):
     pid = tl.program_id(0)
     row = (pid // parts).to(tl.int64)
     span_start = (pid % parts).to(tl.int64) * (BLOCK * CHUNKS)
+    x_base, lead = _row_lead(x_ptr, row, stride_r, CONTIG)
     threshold = tl.load(state_ptr + row * 2)
     lanes = tl.arange(0, BLOCK)
     n_ties = pid * 0
     for c in range(0, CHUNKS):
-        offs = span_start + c * BLOCK + lanes
-        valid = offs < M
-        x = tl.load(x_ptr + row * stride_r + offs * stride_m, mask=valid, other=0.0)
+        pos = span_start + c * BLOCK + lanes
+        offs = pos - lead
+        valid = (offs >= 0) & (offs < M)
+        x = _load_scores(x_ptr, x_base, pos, offs, valid, stride_m, CONTIG)
         n_ties += tl.sum((valid & (_radix_key(x) == threshold)).to(tl.int32), 0)
     tl.store(ties_ptr + pid, n_ties)
 
 
 @triton.jit
 def _span_write_kernel(x_ptr, out_ptr, state_ptr, ties_before_ptr, M, stride_r, stride_m, parts,
-                       BLOCK: tl.constexpr, CHUNKS: tl.constexpr):
+                       BLOCK: tl.constexpr, CHUNKS: tl.constexpr, CONTIG: tl.constexpr):
     pid = tl.program_id(0)
     row = (pid // parts).to(tl.int64)
     span_start = (pid % parts).to(tl.int64) * (BLOCK * CHUNKS)
+    x_base, lead = _row_lead(x_ptr, row, stride_r, CONTIG)
     threshold = tl.load(state_ptr + row * 2)
     k_rem = tl.load(state_ptr + row * 2 + 1)
     ties_before = tl.load(ties_before_ptr + pid)  # equal keys in the earlier spans of the row
     lanes = tl.arange(0, BLOCK)
     for c in range(0, CHUNKS):
-        offs = span_start + c * BLOCK + lanes
-        valid = offs < M
-        x = tl.load(x_ptr + row * stride_r + offs * stride_m, mask=valid, other=0.0)
+        pos = span_start + c * BLOCK + lanes
+        offs = pos - lead
+        valid = (offs >= 0) & (offs < M)
+        x = _load_scores(x_ptr, x_base, pos, offs, valid, stride_m, CONTIG)
         keep, n_ties = _keep_tile(_radix_key(x), valid, threshold, k_rem, ties_before)
         tl.store(out_ptr + row * M + offs, keep.to(tl.int8), mask=valid)
         ties_before += n_ties
@@ -260,7 +293,7 @@ def _launch_rows(scores, out, k, config):
     R, M = scores.shape
     _topk_rows_kernel[(R,)](
         scores, out, M, k, scores.stride(0), scores.stride(1),
-        BLOCK=config["BLOCK"], num_warps=config["num_warps"],
+        BLOCK=config["BLOCK"], CONTIG=scores.stride(1) == 1, num_warps=config["num_warps"],
     )
 
 
@@ -268,7 +301,8 @@ def _launch_spans(scores, out, k, config):
     R, M = scores.shape
     block, span, warps = config["BLOCK"], config["SPAN"], config["num_warps"]
     chunks = span // block
-    parts = triton.cdiv(M, span)
+    contig = scores.stride(1) == 1
+    parts = triton.cdiv(M + 3 if contig else M, span)  # aligned tile positions reach M + lead - 1 <= M + 2
     dev = scores.device
     state = torch.zeros((R, 2), dtype=torch.int32, device=dev)  # (prefix, k_rem) per row
     state[:, 1] = k
@@ -277,13 +311,14 @@ def _launch_spans(scores, out, k, config):
     args = (M, scores.stride(0), scores.stride(1), parts)
     for p in range(4):
         _span_histogram_kernel[grid](scores, hist, state, *args, PASS=p, BLOCK=block, CHUNKS=chunks,
-                                     num_warps=warps)
+                                     CONTIG=contig, num_warps=warps)
         _select_digit_kernel[(R,)](hist, state, PASS=p, num_warps=4)
     ties = torch.empty((R, parts), dtype=torch.int32, device=dev)
-    _span_tie_count_kernel[grid](scores, state, ties, *args, BLOCK=block, CHUNKS=chunks, num_warps=warps)
+    _span_tie_count_kernel[grid](scores, state, ties, *args, BLOCK=block, CHUNKS=chunks, CONTIG=contig,
+                                 num_warps=warps)
     ties_before = torch.cumsum(ties, dim=1, dtype=torch.int32) - ties
     _span_write_kernel[grid](scores, out, state, ties_before, *args, BLOCK=block, CHUNKS=chunks,
-                             num_warps=warps)
+                             CONTIG=contig, num_warps=warps)
 
 
 def check_config(config: dict) -> None:
