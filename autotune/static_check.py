@@ -247,6 +247,30 @@ def _deferred_append():
     return pool.deferred_overflow_checks(check_on_exit=False)
 
 
+def _quant_pool_shapes(which: str) -> list[dict]:
+    if which == "ci":
+        return (grid(dtype=["bf16"], D=[128], G=[4], Lq=[1], bits=[2], group=[32])
+                + grid(dtype=["fp16"], D=[64], G=[8], Lq=[8], bits=[4], group=[64]))
+    return grid(dtype=["fp16", "bf16", "fp32"], D=[64, 128, 256], G=[1, 4, 8], Lq=[1, 8], bits=[2, 4], group=[32, 128])
+
+
+def _quant_pool_layer(p):
+    """One layer's quantized pool buffers: Q quantized rows in all, tails of TC rows per segment."""
+    dt, D, bits, group = DTYPES[p["dtype"]], p["D"], p["bits"], p["group"]
+    B, Hkv, F, Q = 1, 8, 32 // bits, 8 * 4096
+    TC = 128 + group - 1 + 64  # residual + group - 1 + slack
+    codes = (_t(Q // F, D, dtype=torch.int32), _t(Q // group, D, dtype=dt), _t(Q // group, D, dtype=dt),
+             _t(Q, D // F, dtype=torch.int32), _t(Q, D // group, dtype=dt), _t(Q, D // group, dtype=dt))
+    return B, Hkv, codes, (_t(B, Hkv, TC, D, dtype=dt), _t(B, Hkv, TC, D, dtype=dt))
+
+
+def _build_quant_pool_attention(p):
+    B, Hkv, codes, tails = _quant_pool_layer(p)
+    q = _t(B, Hkv * p["G"], p["Lq"], p["D"], dtype=DTYPES[p["dtype"]])
+    tables = (_t(B, Hkv, dtype=torch.int64),) + tuple(_t(B, Hkv, dtype=torch.int32) for _ in range(3))
+    return (q, *codes, *tails, *tables, p["bits"], p["group"], p["D"] ** -0.5, True)
+
+
 FAMILIES: list[Family] = [
     Family("ragged", "kvkernels.triton.ragged_attention", "ragged_attention", _ragged_shapes, _build_ragged),
     Family("kvzip", "kvkernels.triton.kvzip_score", "kvzip_score", _kvzip_shapes, _build_kvzip),
@@ -257,6 +281,8 @@ FAMILIES: list[Family] = [
     Family("pool", "kvkernels.triton.pool", "compact_kv", _pool_shapes, _build_compact, device="meta"),
     Family("pool", "kvkernels.triton.pool", "ragged_append", _pool_shapes, _build_append, _deferred_append,
            device="meta"),
+    Family("quant_pool", "kvkernels.triton.quant_pool", "quant_pool_attention", _quant_pool_shapes,
+           _build_quant_pool_attention),
 ]
 
 # fp32 GPU defaults that may spill: kernel -> (most spill bytes per thread, stores + loads, and why).
