@@ -194,3 +194,55 @@ def kivi_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail
 
 def lowrank_residual(err, rank, iters) -> None:
     finite("lowrank_residual", "err", err)
+
+
+def _quant_segments(op: str, q_start, q_extent, extent_name: str, q_rows: int, seg_len, t_head, tail_rows: int,
+                    q_len=None) -> None:
+    """The quantized pool's tables: each segment's quantized rows inside the pool and disjoint, 0 <= q_len <=
+    seg_len (the tail holds the rest), and the tail ring's head inside the tail."""
+    segments_inside(op, q_start, q_extent, q_rows, "q_start", extent_name)
+    segments_disjoint(op, q_start, q_extent, "q_start", extent_name)
+    non_negative(op, "seg_len", seg_len)
+    if q_len is not None:
+        ahead = q_len > seg_len
+        if bool(ahead.any()):
+            where = tuple(int(i) for i in ahead.nonzero()[0])
+            fail(op, f"q_len{list(where)} = {int(q_len[where])} > seg_len{list(where)} = {int(seg_len[where])}; "
+                     f"accepted: 0 <= q_len <= seg_len")
+    non_negative(op, "t_head", t_head)
+    past = t_head >= max(tail_rows, 1)
+    if bool(past.any()):
+        where = tuple(int(i) for i in past.nonzero()[0])
+        fail(op, f"t_head{list(where)} = {int(t_head[where])} is past the {tail_rows}-row tail; "
+                 f"accepted: 0 <= t_head < {tail_rows}")
+
+
+def quant_pool_build(k_pool, v_pool, seg_start, seg_len, bits, group_size, residual, slack, q_rows) -> None:
+    op = "quant_pool_build"
+    segments_inside(op, seg_start, seg_len, k_pool.shape[0], "seg_start", "seg_len")
+    segments_disjoint(op, seg_start, seg_len, "seg_start", "seg_len")
+    rows = _live_rows(seg_start, seg_len)
+    finite(op, "k_pool (live rows)", k_pool[rows])
+    finite(op, "v_pool (live rows)", v_pool[rows])
+
+
+def quant_pool_append(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, q_cap,
+                      t_head, seg_len, seg_cap, layer, k_new, v_new, bits, group_size, residual) -> None:
+    op = "quant_pool_append"
+    _quant_segments(op, q_start, q_cap, "q_cap", v_codes.shape[0], seg_len, t_head, k_tail.shape[-2], q_len)
+    over = seg_len > seg_cap
+    if bool(over.any()):
+        where = tuple(int(i) for i in over.nonzero()[0])
+        fail(op, f"seg_len{list(where)} = {int(seg_len[where])} > seg_cap{list(where)} = {int(seg_cap[where])}; "
+                 f"accepted: 0 <= seg_len <= seg_cap")
+    finite(op, "k_new", k_new)
+    finite(op, "v_new", v_new)
+
+
+def quant_pool_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len,
+                         t_head, seg_len, bits, group_size) -> None:
+    op = "quant_pool_attention"
+    _quant_segments(op, q_start, q_len, "q_len", v_codes.shape[0], seg_len, t_head, k_tail.shape[-2], q_len)
+    finite(op, "q", q)
+    _kivi_groups(op, "k_", k_scale, k_zero)
+    _kivi_groups(op, "v_", v_scale, v_zero)

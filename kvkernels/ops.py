@@ -276,6 +276,7 @@ def quant_pool_build(
            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     V.check_quant_pool_build(k_pool, v_pool, seg_start, seg_len, bits, group_size, residual, slack, q_rows)
     _quant_pool_rows_check(seg_len, group_size, residual, slack, q_rows)
+    if _checks.enabled: _checks.quant_pool_build(k_pool, v_pool, seg_start, seg_len, bits, group_size, residual, slack, q_rows)
     return _run("quant_pool_build", k_pool.device, k_pool, v_pool, seg_start, seg_len, bits, group_size, residual,
                 slack, q_rows)
 
@@ -324,6 +325,7 @@ def quant_pool_append(
     args = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, q_cap, t_head,
             seg_len, seg_cap, layer, k_new, v_new, bits, group_size, residual)
     V.check_quant_pool_append(*args)
+    if _checks.enabled: _checks.quant_pool_append(*args)
     _run("quant_pool_append", k_tail.device, *args, bool(flush_after))
 
 
@@ -357,6 +359,7 @@ def quant_pool_attention(
     args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, t_head, seg_len,
             bits, group_size)
     V.check_quant_pool_attention(*args)
+    if _checks.enabled: _checks.quant_pool_attention(*args)
     scale = V.scale_value("quant_pool_attention", sm_scale, q.shape[-1])
     return _run("quant_pool_attention", q.device, *args, scale, return_lse)
 

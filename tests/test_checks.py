@@ -182,3 +182,40 @@ def test_documented_head_dim_limits(D):
         kvkernels.ragged_attention(torch.empty(1, 2, 1, 72, **meta), torch.empty(10, 72, **meta),
                                    torch.empty(10, 72, **meta), torch.zeros(1, 1, dtype=torch.int64, **meta),
                                    torch.zeros(1, 1, dtype=torch.int32, **meta))
+
+
+def _quant_pool():
+    """A 1-layer, 1-batch, 2-head quantized pool (group 32, residual 32): 80 and 72 live rows (one quantized
+    group each), 8 free."""
+    k_pool, v_pool = torch.randn(152, D), torch.randn(152, D)
+    seg_start = torch.tensor([[[0, 80]]], dtype=torch.int64)
+    seg_len = torch.tensor([[[80, 72]]], dtype=torch.int32)
+    return kvkernels.quant_pool_build(k_pool, v_pool, seg_start, seg_len, 2, 32, 32, slack=8)
+
+
+def test_quant_pool_checks():
+    pool = _quant_pool()
+    q = torch.randn(1, 2, 1, D)
+    with kvkernels.checking():
+        kvkernels.quant_pool_attention(q, pool, 0)  # a valid pool passes
+        kvkernels.quant_pool_append(pool, 0, torch.randn(1, 2, 1, D), torch.randn(1, 2, 1, D))
+        bad_q = q.clone()
+        bad_q[0, 1, 0, 3] = float("inf")
+        with pytest.raises(ValueError, match=r"quant_pool_attention.*q holds 1 NaN/inf"):
+            kvkernels.quant_pool_attention(bad_q, pool, 0)
+        bad_new = torch.randn(1, 2, 1, D)
+        bad_new[0, 0, 0, 5] = float("nan")
+        with pytest.raises(ValueError, match=r"quant_pool_append.*k_new holds 1 NaN/inf"):
+            kvkernels.quant_pool_append(pool, 0, bad_new, torch.randn(1, 2, 1, D))
+        assert bool((pool.q_len > 0).all())
+        start = pool.q_start.clone()
+        pool.q_start[0, 0, 1] = pool.v_codes.shape[0]  # its quantized rows start past the pool's
+        with pytest.raises(ValueError, match=r"quant_pool_attention.*ends past the pool: q_start \+ q_len"):
+            kvkernels.quant_pool_attention(q, pool, 0)
+        pool.q_start[0, 0, 1] = start[0, 0, 1] - 16  # now overlaps segment 0's quantized rows
+        with pytest.raises(ValueError, match=r"quant_pool_append.*segments overlap"):
+            kvkernels.quant_pool_append(pool, 0, torch.randn(1, 2, 1, D), torch.randn(1, 2, 1, D))
+        restored = _quant_pool()
+        restored.t_head[0, 0, 0] = restored.k_tail.shape[-2]
+        with pytest.raises(ValueError, match=r"quant_pool_attention.*t_head\[0, 0\] = \d+ is past the"):
+            kvkernels.quant_pool_attention(q, restored, 0)
