@@ -210,8 +210,85 @@ def fact_directory(rng: random.Random, target_tokens: int, n_questions: int = 4,
     return Sample("fact_directory", 0, "Staff directory:\n" + "\n".join(lines), questions, {"people": len(people)})
 
 
+_LABELS = ["red", "blue", "green", "yellow", "orange", "purple", "black", "white", "golden", "silver",
+           "north", "south", "east", "west", "iron", "copper", "glass", "marble", "cedar", "oak"]
+
+
+def passkey(rng: random.Random, target_tokens: int, n_questions: int = 4,
+            count_tokens: CountTokens = approx_tokens) -> Sample:
+    """RULER's passkey, keyed so one context carries several: 'The pass key of the red vault is 48213.
+    Remember it.' in filler prose; each question asks a different vault's key."""
+    labels = _distinct(rng, _LABELS, n_questions)
+    keys = [_number(rng, 5) for _ in labels]
+    needles = [f"The pass key of the {c} vault is {k}. Remember it." for c, k in zip(labels, keys)]
+    text = " ".join(_grow(rng, needles, target_tokens, count_tokens, filler_sentence))
+    questions = [Question(f"What is the pass key of the {c} vault?", (k,), "passkey",
+                          f"The pass key of the {c} vault is", 7) for c, k in zip(labels, keys)]
+    return Sample("passkey", 0, text, questions, {"needles": len(needles)})
+
+
+_WORDS = ["umbrella", "pineapple", "telescope", "volcano", "penguin", "saxophone", "cactus", "lantern",
+          "dolphin", "avocado", "compass", "giraffe", "harmonica", "iceberg", "kangaroo", "lemonade",
+          "mushroom", "octopus", "parachute", "raccoon", "scarecrow", "tornado", "walrus", "zeppelin"]
+
+
+def word_needle(rng: random.Random, target_tokens: int, n_questions: int = 4,
+                count_tokens: CountTokens = approx_tokens) -> Sample:
+    """Keyed word needles: "Priya Novak's secret word is penguin." in filler; the answer is a word, not a
+    number, so the task checks that a method keeps a whole distinctive fact (name and word)."""
+    people: List[str] = []
+    while len(people) < n_questions:
+        name = f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
+        if name not in people:
+            people.append(name)
+    words = _distinct(rng, _WORDS, n_questions)
+    needles = [f"{p}'s secret word is {w}." for p, w in zip(people, words)]
+    text = " ".join(_grow(rng, needles, target_tokens, count_tokens, filler_sentence))
+    questions = [Question(f"What is {p}'s secret word?", (w,), "word", f"{p}'s secret word is", 5)
+                 for p, w in zip(people, words)]
+    return Sample("word_needle", 0, text, questions, {"needles": len(needles)})
+
+
+def _mixed_facts(rng: random.Random, n: int):
+    """n (needle sentence, question, answer prefix, answer, kind, answer tokens) of DIFFERENT shapes."""
+    city, label = rng.choice(_CITIES), rng.choice(_LABELS)
+    person = f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
+    num, key, word = _number(rng, 5), _number(rng, 5), rng.choice(_WORDS)
+    colour, animal_owner = rng.choice(_COLOURS), rng.choice(_FIRST)
+    pet = rng.choice(["parrot", "hamster", "tortoise", "ferret", "goldfish", "rabbit"])
+    facts = [
+        (f"The special magic number for {city} is {num}.", f"What is the special magic number for {city}?",
+         f"The special magic number for {city} is", num, "needle", 7),
+        (f"The pass key of the {label} vault is {key}. Remember it.", f"What is the pass key of the {label} vault?",
+         f"The pass key of the {label} vault is", key, "passkey", 7),
+        (f"{person}'s secret word is {word}.", f"What is {person}'s secret word?", f"{person}'s secret word is",
+         word, "word", 5),
+        (f"The front door of the museum is painted {colour}.", "What colour is the front door of the museum?",
+         "The front door of the museum is painted", colour, "colour", 4),
+        (f"{animal_owner} has a pet {pet}.", f"What kind of pet does {animal_owner} have?",
+         f"{animal_owner} has a pet", pet, "pet", 4),
+    ]
+    if n > len(facts):
+        raise ValueError(f"mixed_needle has {len(facts)} fact shapes; asked for {n} questions")
+    return rng.sample(facts, n)
+
+
+def mixed_needle(rng: random.Random, target_tokens: int, n_questions: int = 4,
+                 count_tokens: CountTokens = approx_tokens) -> Sample:
+    """Several needles of DIFFERENT shapes (a magic number, a vault pass key, a secret word, a door colour,
+    a pet) in filler: each question's key phrase occurs once in the context, so a small model does not
+    confuse needles of the same template, and each question depends on a different place."""
+    facts = _mixed_facts(rng, n_questions)
+    text = " ".join(_grow(rng, [f[0] for f in facts], target_tokens, count_tokens, filler_sentence))
+    questions = [Question(q, (a,), kind, prefix, budget) for _, q, prefix, a, kind, budget in facts]
+    return Sample("mixed_needle", 0, text, questions, {"needles": len(facts)})
+
+
 TASKS: Dict[str, Callable[..., Sample]] = {
     "needle": multi_needle,
+    "mixed_needle": mixed_needle,
+    "passkey": passkey,
+    "word_needle": word_needle,
     "kv_retrieval": kv_retrieval,
     "var_tracking": variable_tracking,
     "fact_directory": fact_directory,
