@@ -304,3 +304,50 @@ def test_kivi_sim_cache_flush_rules_and_order(order):
     else:  # flushed before attending: the step sees its own quantized keys
         assert cache.key_done[0] == 128 and not torch.equal(keys[:, :, 100:128], new_k)
         assert cache.value_done[0] == 128 - 64
+
+
+# ----------------------------------------------------------------------------------------------
+# Smoke runs of the command, the calibration and the KIVI diagnosis on the shared model (tiny settings)
+
+
+def test_eval_command_writes_results_with_intervals(smollm2, tmp_path, monkeypatch):
+    import argparse
+    import csv
+    import json
+
+    import kvkernels.hf
+    from kvkernels.eval import cli
+    monkeypatch.setattr(kvkernels.hf, "load_smollm2", lambda device=None: smollm2)
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--tasks", "mixed_needle", "--methods", "full", "kvzip", "streaming",
+                              "--ratios", "0.5", "--contexts", "1", "--context-tokens", "80", "--questions", "2",
+                              "--out", str(tmp_path), "--name", "smoke"])
+    assert cli.main(args) == 0
+    rows = list(csv.DictReader(open(tmp_path / "smoke.csv")))
+    point = [r for r in rows if r["method"] == "streaming" and r["keep"] == "0.5" and r["task"] == "all"][0]
+    assert point["questions"] == "2" and point["length"] == "80"
+    assert float(point["wilson_low"]) <= float(point["accuracy"]) <= float(point["wilson_high"])
+    assert point["kvzip_vs_method_p"] != ""
+    data = json.load(open(tmp_path / "smoke.json"))
+    assert len(data["answers"]) == 3 * 2 and data["elapsed_seconds"] > 0
+    assert (tmp_path / "smoke.png").stat().st_size > 0
+
+
+def test_calibration_and_kivi_diagnosis_run(smollm2):
+    from kvkernels.eval.calibrate import calibrate
+    from kvkernels.eval.calibrate import summarize as calibration_summary
+    from kvkernels.eval.kivi_diag import ERROR_VARIANTS, KIVI_VARIANTS, diagnose
+    from kvkernels.eval.kivi_diag import summarize as diagnosis_summary
+    model, tokenizer = smollm2
+    rows = calibrate(model, tokenizer, ["passkey"], [80], 1, 2, seed=3, log=lambda s: None)
+    assert len(rows) == 2 and calibration_summary(rows)[0]["questions"] == 2
+    rows, errors = diagnose(model, tokenizer, ["needle"], 160, 1, 1, seed=3, log=lambda s: None)
+    assert len(rows) == 1 + len(KIVI_VARIANTS) and len(errors) == 1
+    acc, layer_errors = diagnosis_summary(rows, errors)
+    assert {a["variant"] for a in acc} == {"full"} | {c.label for c in KIVI_VARIANTS}
+    L = model.config.num_hidden_layers
+    assert all(len(e) == L for e in layer_errors.values())
+    two, four = (layer_errors[c.label] for c in (ERROR_VARIANTS[0], ERROR_VARIANTS[4]))
+    assert all(e > 0 for e in two)
+    assert sum(four) < sum(two)  # 4-bit KIVI perturbs the attention output less than 2-bit

@@ -101,16 +101,20 @@ _CITIES = ["Lisbon", "Oslo", "Nairobi", "Lima", "Hanoi", "Quito", "Dublin", "Cai
            "Bogota", "Kyoto", "Porto", "Vienna", "Dakar", "Manila", "Zagreb", "Austin", "Geneva", "Madras"]
 
 
+def _needle_sample(rng: random.Random, task: str, facts, target_tokens: int, count_tokens: CountTokens) -> Sample:
+    """Plant ``facts`` = [(sentence, question, answer prefix, answer, kind, answer tokens)] in filler prose."""
+    text = " ".join(_grow(rng, [f[0] for f in facts], target_tokens, count_tokens, filler_sentence))
+    questions = [Question(q, (a,), kind, prefix, budget) for _, q, prefix, a, kind, budget in facts]
+    return Sample(task, 0, text, questions, {"needles": len(facts)})
+
+
 def multi_needle(rng: random.Random, target_tokens: int, n_questions: int = 4,
                  count_tokens: CountTokens = approx_tokens) -> Sample:
     """Needle-in-a-haystack with several needles: 'The special magic number for <city> is <n>.'"""
     cities = _distinct(rng, _CITIES, n_questions)
-    numbers = [_number(rng, 5) for _ in cities]
-    needles = [f"The special magic number for {c} is {n}." for c, n in zip(cities, numbers)]
-    text = " ".join(_grow(rng, needles, target_tokens, count_tokens, filler_sentence))
-    questions = [Question(f"What is the special magic number for {c}?", (n,), "needle",
-                          f"The special magic number for {c} is", 7) for c, n in zip(cities, numbers)]
-    return Sample("needle", 0, text, questions, {"needles": len(needles)})
+    facts = [(f"The special magic number for {c} is {n}.", f"What is the special magic number for {c}?",
+              f"The special magic number for {c} is", n, "needle", 7) for c, n in ((c, _number(rng, 5)) for c in cities)]
+    return _needle_sample(rng, "needle", facts, target_tokens, count_tokens)
 
 
 def _hex_id(rng: random.Random, n: int = 8) -> str:
@@ -219,12 +223,9 @@ def passkey(rng: random.Random, target_tokens: int, n_questions: int = 4,
     """RULER's passkey, keyed so one context carries several: 'The pass key of the red vault is 48213.
     Remember it.' in filler prose; each question asks a different vault's key."""
     labels = _distinct(rng, _LABELS, n_questions)
-    keys = [_number(rng, 5) for _ in labels]
-    needles = [f"The pass key of the {c} vault is {k}. Remember it." for c, k in zip(labels, keys)]
-    text = " ".join(_grow(rng, needles, target_tokens, count_tokens, filler_sentence))
-    questions = [Question(f"What is the pass key of the {c} vault?", (k,), "passkey",
-                          f"The pass key of the {c} vault is", 7) for c, k in zip(labels, keys)]
-    return Sample("passkey", 0, text, questions, {"needles": len(needles)})
+    facts = [(f"The pass key of the {c} vault is {k}. Remember it.", f"What is the pass key of the {c} vault?",
+              f"The pass key of the {c} vault is", k, "passkey", 7) for c, k in ((c, _number(rng, 5)) for c in labels)]
+    return _needle_sample(rng, "passkey", facts, target_tokens, count_tokens)
 
 
 _WORDS = ["umbrella", "pineapple", "telescope", "volcano", "penguin", "saxophone", "cactus", "lantern",
@@ -242,18 +243,17 @@ def word_needle(rng: random.Random, target_tokens: int, n_questions: int = 4,
         if name not in people:
             people.append(name)
     words = _distinct(rng, _WORDS, n_questions)
-    needles = [f"{p}'s secret word is {w}." for p, w in zip(people, words)]
-    text = " ".join(_grow(rng, needles, target_tokens, count_tokens, filler_sentence))
-    questions = [Question(f"What is {p}'s secret word?", (w,), "word", f"{p}'s secret word is", 5)
-                 for p, w in zip(people, words)]
-    return Sample("word_needle", 0, text, questions, {"needles": len(needles)})
+    facts = [(f"{p}'s secret word is {w}.", f"What is {p}'s secret word?", f"{p}'s secret word is", w, "word", 5)
+             for p, w in zip(people, words)]
+    return _needle_sample(rng, "word_needle", facts, target_tokens, count_tokens)
 
 
 def _mixed_facts(rng: random.Random, n: int):
     """n (needle sentence, question, answer prefix, answer, kind, answer tokens) of DIFFERENT shapes."""
     city, label = rng.choice(_CITIES), rng.choice(_LABELS)
     person = f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
-    num, key, word = _number(rng, 5), _number(rng, 5), rng.choice(_WORDS)
+    # (The secret-word shape of word_needle was tried here first: SmolLM2 invents a name for it.)
+    num, key, room = _number(rng, 5), _number(rng, 5), _number(rng, 3)
     colour, animal_owner = rng.choice(_COLOURS), rng.choice(_FIRST)
     pet = rng.choice(["parrot", "hamster", "tortoise", "ferret", "goldfish", "rabbit"])
     facts = [
@@ -261,12 +261,12 @@ def _mixed_facts(rng: random.Random, n: int):
          f"The special magic number for {city} is", num, "needle", 7),
         (f"The pass key of the {label} vault is {key}. Remember it.", f"What is the pass key of the {label} vault?",
          f"The pass key of the {label} vault is", key, "passkey", 7),
-        (f"{person}'s secret word is {word}.", f"What is {person}'s secret word?", f"{person}'s secret word is",
-         word, "word", 5),
+        (f"{person} lives in room {room}.", f"Which room does {person} live in?", f"{person} lives in room",
+         room, "room", 5),
         (f"The front door of the museum is painted {colour}.", "What colour is the front door of the museum?",
          "The front door of the museum is painted", colour, "colour", 4),
-        (f"{animal_owner} has a pet {pet}.", f"What kind of pet does {animal_owner} have?",
-         f"{animal_owner} has a pet", pet, "pet", 4),
+        (f"{animal_owner}'s pet is a {pet}.", f"What kind of animal is {animal_owner}'s pet?",
+         f"{animal_owner}'s pet is a", pet, "pet", 4),
     ]
     if n > len(facts):
         raise ValueError(f"mixed_needle has {len(facts)} fact shapes; asked for {n} questions")
@@ -275,13 +275,10 @@ def _mixed_facts(rng: random.Random, n: int):
 
 def mixed_needle(rng: random.Random, target_tokens: int, n_questions: int = 4,
                  count_tokens: CountTokens = approx_tokens) -> Sample:
-    """Several needles of DIFFERENT shapes (a magic number, a vault pass key, a secret word, a door colour,
+    """Several needles of DIFFERENT shapes (a magic number, a vault pass key, a room number, a door colour,
     a pet) in filler: each question's key phrase occurs once in the context, so a small model does not
     confuse needles of the same template, and each question depends on a different place."""
-    facts = _mixed_facts(rng, n_questions)
-    text = " ".join(_grow(rng, [f[0] for f in facts], target_tokens, count_tokens, filler_sentence))
-    questions = [Question(q, (a,), kind, prefix, budget) for _, q, prefix, a, kind, budget in facts]
-    return Sample("mixed_needle", 0, text, questions, {"needles": len(facts)})
+    return _needle_sample(rng, "mixed_needle", _mixed_facts(rng, n_questions), target_tokens, count_tokens)
 
 
 TASKS: Dict[str, Callable[..., Sample]] = {
