@@ -164,11 +164,17 @@ def smollm2():
 def test_harness_bookkeeping_and_full_cache_matches_transformers(smollm2):
     from kvkernels.eval.harness import evaluate, summarize
     model, tokenizer = smollm2
-    methods, ratios = ["full", "kvzip", "snapkv"], [0.5]
+    methods, ratios = ["full", "kvzip", "snapkv", "streaming", "random", "kivi2"], [0.5]
     rows = evaluate(model, tokenizer, ["needle"], methods, ratios, n_contexts=1, context_tokens=96, n_questions=2)
-    assert len(rows) == 3 * 2  # (full + 2 methods at one ratio) x 2 questions
-    assert sorted({(r["method"], r["keep"]) for r in rows}) == [("full", 1.0), ("kvzip", 0.5), ("snapkv", 0.5)]
+    assert len(rows) == 6 * 2  # (full + kivi2 + 4 methods at one ratio) x 2 questions
+    assert sorted({(r["method"], r["keep"]) for r in rows}) == [
+        ("full", 1.0), ("kivi2", 1.0), ("kvzip", 0.5), ("random", 0.5), ("snapkv", 0.5), ("streaming", 0.5)]
+    assert all(r["length"] == 96 for r in rows)
+    kivi = [r for r in rows if r["method"] == "kivi2"]
+    assert all(0 < r["kv_fraction"] <= 1 and isinstance(r["correct"], bool) for r in kivi)
     for r in rows:
+        if r["method"] == "kivi2":
+            continue
         n, sink = r["context_tokens"], r["sink_tokens"]
         kept_per_head = sink + round(r["keep"] * n) if r["method"] != "full" else sink + n
         # Global and per-head budgets keep the same total: L * H * (sink + round(keep * n)) rows.
@@ -179,7 +185,13 @@ def test_harness_bookkeeping_and_full_cache_matches_transformers(smollm2):
     full = [s for s in summary if s["method"] == "full" and s["task"] == "all"][0]
     assert full["questions"] == 2 and full["correct"] == sum(r["correct"] for r in rows if r["method"] == "full")
     from_full = [s for s in summary if s["from_full"] and s["task"] == "all"]
-    assert {s["method"] for s in from_full} == {"kvzip", "snapkv"} and all(s["keep"] == 1.0 for s in from_full)
+    assert {s["method"] for s in from_full} == {"kvzip", "snapkv", "streaming", "random"}
+    assert all(s["keep"] == 1.0 for s in from_full)
+    # Every point carries its interval and, at the same keep, the paired comparison with KVzip.
+    for s in summary:
+        assert 0 <= s["wilson_low"] <= s["accuracy"] <= s["wilson_high"] <= 1
+    snap = [s for s in summary if s["method"] == "snapkv" and s["keep"] == 0.5 and s["task"] == "all"][0]
+    assert snap["kvzip_only"] + snap["method_only"] <= 2 and 0 <= snap["kvzip_vs_method_p"] <= 1
 
     # The full cache answers exactly what plain transformers generate() answers on the same tokens
     # (sink + context + question + answer prefix, one ordinary forward instead of the blocked prefill).
@@ -201,3 +213,141 @@ def test_harness_bookkeeping_and_full_cache_matches_transformers(smollm2):
         assert harness_row["answer_tokens"] == len(plain)
         assert harness_row["answer"] == tokenizer.decode(plain, skip_special_tokens=True).strip()
         assert harness_row["expected"] == question.answers[0]  # the harness asked the same generated question
+
+
+def test_streaming_keeps_the_most_recent_tokens_and_random_is_seeded():
+    pytest.importorskip("transformers")
+    from kvkernels.eval.harness import random_scores, streaming_scores
+    from kvkernels.hf.scoring import external_scores, select_kept
+    L, H, n, sink = 2, 3, 40, 5
+    mask, kept = select_kept(external_scores(streaming_scores(L, H, n), L, 1, H, sink + n, sink), 0.25, sink,
+                             "per_head")
+    want = torch.zeros(sink + n, dtype=torch.bool)
+    want[:sink] = True
+    want[sink + n - 10:] = True  # sink + the 10 most recent context tokens in every (layer, head)
+    assert kept == L * H * (sink + 10) and torch.equal(mask, want.expand(L, 1, H, -1))
+    assert torch.equal(random_scores(L, H, n, "a/0"), random_scores(L, H, n, "a/0"))
+    assert not torch.equal(random_scores(L, H, n, "a/0"), random_scores(L, H, n, "a/1"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics
+
+
+def test_wilson_interval_known_values():
+    from kvkernels.eval.stats import wilson_interval
+    lo, hi = wilson_interval(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    lo, hi = wilson_interval(0, 20)
+    assert lo == 0.0 and hi == pytest.approx(0.1611, abs=1e-4)
+    assert wilson_interval(20, 20)[1] == 1.0
+    with pytest.raises(ValueError):
+        wilson_interval(5, 4)
+
+
+def test_mcnemar_exact_counts_discordant_pairs():
+    from kvkernels.eval.stats import binomial_two_sided_p, mcnemar_exact
+    a = [True] * 10 + [False] * 2 + [True] * 5
+    b = [False] * 10 + [True] * 2 + [True] * 5
+    t = mcnemar_exact(a, b)
+    assert (t["a_only"], t["b_only"], t["n"]) == (10, 2, 17)
+    # Two-sided exact binomial: P(X <= 2 | 12, 1/2) * 2 = 2 * 79 / 4096.
+    assert t["p_value"] == pytest.approx(2 * 79 / 4096)
+    assert mcnemar_exact([True, False], [True, False])["p_value"] == 1.0
+    assert binomial_two_sided_p(5, 10) == 1.0
+    with pytest.raises(ValueError):
+        mcnemar_exact([True], [True, False])
+
+
+def test_summary_pairs_methods_on_the_same_questions():
+    from kvkernels.eval.harness import summarize
+
+    def rows(method, keep, correct):
+        return [{"length": 100, "task": "needle", "context": 0, "question": i, "method": method, "keep": keep,
+                 "first_question": i == 0, "correct": c, "kv_fraction": keep} for i, c in enumerate(correct)]
+    data = rows("full", 1.0, [True] * 10) + rows("kvzip", 0.3, [True] * 9 + [False]) \
+        + rows("snapkv", 0.3, [True] + [False] * 9)
+    summary = {(s["method"], s["keep"]): s for s in summarize(data) if s["task"] == "all"}
+    snap = summary[("snapkv", 0.3)]
+    assert (snap["kvzip_only"], snap["method_only"]) == (8, 0)
+    assert snap["kvzip_vs_method_p"] == pytest.approx(2 / 2 ** 8, abs=1e-4)
+    assert snap["ratio_to_full"] == pytest.approx(0.1) and snap["wilson_low"] < 0.1 < snap["wilson_high"]
+    assert summary[("kvzip", 0.3)]["vs_full_diff"] == pytest.approx(-0.1)
+    assert summary[("kvzip", 1.0)]["from_full"]
+
+
+# ----------------------------------------------------------------------------------------------
+# KIVI simulation cache: flush rules and the two orders (no model needed)
+
+
+@pytest.mark.parametrize("order", ["official", "flush_first"])
+def test_kivi_sim_cache_flush_rules_and_order(order):
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig
+
+    from kvkernels.eval.kivi_sim import KiviConfig, KiviSimCache
+    cfg = KiviConfig(2, 2, group=32, residual=64, order=order)
+    config = LlamaConfig(num_hidden_layers=1, hidden_size=128, num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    k, v = torch.randn(1, 2, 100, 64), torch.randn(1, 2, 100, 64)
+    cache = KiviSimCache.from_dense(config, cfg, [k], [v])
+    assert (cache.key_done[0], cache.value_done[0]) == (64, 36)  # T - T % R keys, T - R values
+    assert torch.equal(cache.layers[0].keys[:, :, 64:], k[:, :, 64:])
+    assert not torch.equal(cache.layers[0].keys[:, :, :64], k[:, :, :64])
+    # 28 new tokens bring the key tail to exactly R = 64: a key flush is due.
+    new_k, new_v = torch.randn(1, 2, 28, 64), torch.randn(1, 2, 28, 64)
+    keys, values = cache.update(new_k, new_v, 0)
+    if order == "official":  # attended in full precision; flushed only at the next step
+        assert torch.equal(keys[:, :, 100:], new_k) and cache.key_done[0] == 64
+        keys, _ = cache.update(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64), 0)
+        assert cache.key_done[0] == 128 and not torch.equal(keys[:, :, 100:128], new_k)
+    else:  # flushed before attending: the step sees its own quantized keys
+        assert cache.key_done[0] == 128 and not torch.equal(keys[:, :, 100:128], new_k)
+        assert cache.value_done[0] == 128 - 64
+
+
+# ----------------------------------------------------------------------------------------------
+# Smoke runs of the command, the calibration and the KIVI diagnosis on the shared model (tiny settings)
+
+
+def test_eval_command_writes_results_with_intervals(smollm2, tmp_path, monkeypatch):
+    import argparse
+    import csv
+    import json
+
+    import kvkernels.hf
+    from kvkernels.eval import cli
+    monkeypatch.setattr(kvkernels.hf, "load_smollm2", lambda device=None: smollm2)
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--tasks", "mixed_needle", "--methods", "full", "kvzip", "streaming",
+                              "--ratios", "0.5", "--contexts", "1", "--context-tokens", "80", "--questions", "2",
+                              "--out", str(tmp_path), "--name", "smoke"])
+    assert cli.main(args) == 0
+    rows = list(csv.DictReader(open(tmp_path / "smoke.csv")))
+    point = [r for r in rows if r["method"] == "streaming" and r["keep"] == "0.5" and r["task"] == "all"][0]
+    assert point["questions"] == "2" and point["length"] == "80"
+    assert float(point["wilson_low"]) <= float(point["accuracy"]) <= float(point["wilson_high"])
+    assert point["kvzip_vs_method_p"] != ""
+    data = json.load(open(tmp_path / "smoke.json"))
+    assert len(data["answers"]) == 3 * 2 and data["elapsed_seconds"] > 0
+    assert (tmp_path / "smoke.png").stat().st_size > 0
+
+
+def test_calibration_and_kivi_diagnosis_run(smollm2):
+    from kvkernels.eval.calibrate import calibrate
+    from kvkernels.eval.calibrate import summarize as calibration_summary
+    from kvkernels.eval.kivi_diag import ERROR_VARIANTS, KIVI_VARIANTS, diagnose
+    from kvkernels.eval.kivi_diag import summarize as diagnosis_summary
+    model, tokenizer = smollm2
+    rows = calibrate(model, tokenizer, ["passkey"], [80], 1, 2, seed=3, log=lambda s: None)
+    assert len(rows) == 2 and calibration_summary(rows)[0]["questions"] == 2
+    rows, errors = diagnose(model, tokenizer, ["needle"], 160, 1, 1, seed=3, log=lambda s: None)
+    assert len(rows) == 1 + len(KIVI_VARIANTS) and len(errors) == 1
+    acc, layer_errors = diagnosis_summary(rows, errors)
+    assert {a["variant"] for a in acc} == {"full"} | {c.label for c in KIVI_VARIANTS}
+    L = model.config.num_hidden_layers
+    assert all(len(e) == L for e in layer_errors.values())
+    two, four = (layer_errors[c.label] for c in (ERROR_VARIANTS[0], ERROR_VARIANTS[4]))
+    assert all(e > 0 for e in two)
+    assert sum(four) < sum(two)  # 4-bit KIVI perturbs the attention output less than 2-bit

@@ -2,7 +2,7 @@
 
 ``kvkernels.hf`` captures queries only for KVzip's reconstruction pass, so this module registers its
 own attention implementation, ``kvkernels_eval_capture``: plain SDPA (hidden states are exact) that
-also hands each layer's post-RoPE queries and (unrepeated) keys to the active capture, which turns
+also hands each layer's post-RoPE queries, (unrepeated) keys and values to the active capture, which turns
 them into per-(layer, KV head, token) scores with the pure-PyTorch scorers of
 ``kvkernels.reference.baselines``. It is registered with SDPA's mask function, since an attention
 function without one silently gets no causal mask in transformers 5.x.
@@ -33,7 +33,7 @@ class H2OCapture:
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, num_tokens: int, device):
         self.scores = torch.zeros(num_layers, batch, num_kv_heads, num_tokens, dtype=torch.float32, device=device)
 
-    def consume(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+    def consume(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scale: float, value=None) -> None:
         nk = key.shape[2]
         self.scores[layer_idx, :, :, :nk] += h2o_scores(query, key, scale)
 
@@ -47,7 +47,7 @@ class SnapKVCapture:
         self.kernel_size = kernel_size
         self.scores = torch.zeros(num_layers, batch, num_kv_heads, num_tokens, dtype=torch.float32, device=device)
 
-    def consume(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+    def consume(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scale: float, value=None) -> None:
         self.scores[layer_idx] = snapkv_scores(query, key, scale, self.num_tokens, self.kernel_size)
 
 
@@ -57,7 +57,8 @@ def _capture_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
     if capture is None:
         raise RuntimeError(f"attention implementation {EVAL_CAPTURE_ATTENTION!r} runs only inside capturing()")
     scale = kwargs.get("scaling")
-    capture.consume(module.layer_idx, query, key, float(scale) if scale is not None else 1.0 / math.sqrt(query.shape[-1]))
+    capture.consume(module.layer_idx, query, key, float(scale) if scale is not None else 1.0 / math.sqrt(query.shape[-1]),
+                    value=value)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

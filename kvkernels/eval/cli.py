@@ -15,7 +15,8 @@ DEFAULT_METHODS = ["full", "kvzip", "kvzip-uniform", "kvzip-head", "snapkv", "h2
 DEFAULT_RATIOS = [0.1, 0.3, 0.6]
 # harness.ALL_METHODS, spelled out so that building the parser imports neither torch nor transformers
 # (tests/test_cli.py checks the two agree).
-METHODS = ("full", "kvzip", "kvzip-uniform", "kvzip-head", "snapkv", "h2o", "kvzip+kivi2", "kivi2", "kivi4")
+METHODS = ("full", "kvzip", "kvzip-uniform", "kvzip-head", "snapkv", "h2o", "streaming", "random", "kvzip+kivi2", "kivi2",
+           "kivi4")
 MAX_QUESTIONS = 20  # the needle task draws distinct needles from a pool of 20
 
 
@@ -36,8 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="KEEP", help="keep ratios (fraction of context KV pairs KEPT, in [0, 1]); 1.0 is "
                                              "the full cache")
     parser.add_argument("--contexts", type=A.int_at_least(1), default=1, help="contexts per task")
-    parser.add_argument("--context-tokens", type=A.int_at_least(128), default=512,
-                        help="approximate context length in tokens (at least 128)")
+    parser.add_argument("--context-tokens", nargs="+", type=A.int_at_least(128), default=[512],
+                        help="approximate context length(s) in tokens, each at least 128 (several: one run per "
+                             "length)")
     parser.add_argument("--questions", type=A.int_at_least(1, MAX_QUESTIONS), default=3,
                         help=f"questions per context, 1..{MAX_QUESTIONS}")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated contexts and questions")
@@ -79,7 +81,8 @@ def main(args: argparse.Namespace) -> int:
         else " ".join(shlex.quote(a) for a in sys.argv)
     t0 = time.perf_counter()
     model, tokenizer = load_smollm2(device=args.device)
-    total = count_questions(args.tasks, args.methods, args.ratios, args.contexts, args.questions)
+    total = count_questions(args.tasks, args.methods, args.ratios, args.contexts, args.questions,
+                            len(args.context_tokens))
     with tqdm(total=total, desc="eval", unit="q") as bar:
         rows = evaluate(model, tokenizer, args.tasks, args.methods, args.ratios, args.contexts, args.context_tokens,
                         args.questions, args.seed, progress=bar.update, log=bar.write)
@@ -92,17 +95,23 @@ def main(args: argparse.Namespace) -> int:
     report.write_json(stem.with_suffix(".json"), command, settings, summary, rows, elapsed)
     report.plot(stem.with_suffix(".png"), summary, title=command)
     print(format_table([s for s in summary if s["task"] == "all"]))
-    print(f"wrote {stem}.csv/.json/.png in {elapsed:.0f}s")
+    print(f"wrote {stem}.csv/.json/.png; the run took {elapsed:.0f}s ({elapsed / 60:.1f} min)")
     return 0
 
 
 def format_table(summary) -> str:
-    lines = ["| method | keep | KV fraction | accuracy | first question | later questions | n |",
-             "|---|---|---|---|---|---|---|"]
+    """Markdown table: accuracy with its 95 % Wilson interval, ratio to the full cache, and the paired
+    comparison of KVzip (global) with the method at the same keep ratio (questions only KVzip / only the
+    method answered, McNemar exact p)."""
+    lines = ["| length | method | keep | KV fraction | accuracy [95% CI] | first q | later q | / full | "
+             "KVzip-only / method-only (p) | n |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         keep = f"{s['keep']:.1f}" + (" (=full)" if s["from_full"] else "")
-        lines.append(f"| {s['method']} | {keep} | {s['kv_fraction']:.3f} | {s['accuracy']:.2f} | "
-                     f"{s['accuracy_first_q']:.2f} | {s['accuracy_later_q']:.2f} | {s['questions']} |")
+        paired = f"{s['kvzip_only']} / {s['method_only']} ({s['kvzip_vs_method_p']:.3g})" if s["kvzip_only"] != "" else ""
+        lines.append(f"| {s['length']} | {s['method']} | {keep} | {s['kv_fraction']:.3f} | {s['accuracy']:.2f} "
+                     f"[{s['wilson_low']:.2f}, {s['wilson_high']:.2f}] | {s['accuracy_first_q']:.2f} | "
+                     f"{s['accuracy_later_q']:.2f} | {s['ratio_to_full']:.2f} | {paired} | {s['questions']} |")
     return "\n".join(lines)
 
 

@@ -15,9 +15,15 @@ Methods (``keep`` = fraction of context KV pairs KEPT; the chat-template sink is
   (another generated context, never one that is evaluated), broadcast over tokens, global threshold.
 * ``snapkv``: SnapKV votes of the FIRST question's tokens, pooled (kernel 7), per-head budget.
 * ``h2o``: attention accumulated over the whole prefill, per-head budget.
+* ``streaming``: StreamingLLM-style floor: the sink (the chat template, always kept) plus the most recent
+  context tokens, the same count in every (layer, KV head).
+* ``random``: random eviction at the same per-head budget (a floor; seeded by the context, deterministic).
 * ``kivi2`` / ``kivi4``: KIVI 2/4-bit (group 32, residual 128) applied to the dense cache as
-  quantize-dequantize (numerically the attention KIVI computes); no eviction, the x axis is bytes.
-* ``kvzip+kivi2``: KVzip (global) at each keep ratio, then KIVI-2 on every kept (layer, head) segment.
+  quantize-dequantize (numerically the attention KIVI computes) with KIVI's streaming flush rules and
+  its official order (attend, then flush: ``kivi_sim``); no eviction, the x axis is bytes.
+* ``kvzip+kivi2``: KVzip (global) at each keep ratio, then KIVI-2's prefill rule on every kept (layer,
+  head) segment of the ragged pool (question and answer tokens stay exact). When the quantized pool
+  (branch qpool) lands, switch ``kivi_on_pool`` to ``CompressedContext.quantize(2)``.
 
 A keep ratio of 1.0 evicts nothing, so eviction methods are not re-run at 1.0: their 1.0 point is the
 full cache's accuracy (marked ``from_full`` in the results; not for ``kvzip+kivi2``, whose 1.0 is KIVI-2).
@@ -26,23 +32,27 @@ full cache's accuracy (marked ``from_full`` in the results; not for ``kvzip+kivi
 from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-from transformers import DynamicCache
 
 import kvkernels
 from kvkernels.hf import DenseContext, prefill
 
 from .capture import H2OCapture, SnapKVCapture, capturing
 from .scoring import contains_answer
+from .kivi_sim import KiviConfig, KiviContext, prefill_image
+from .kivi_sim import kivi_bytes as kivi_config_bytes
+from .stats import mcnemar_exact, ratio_interval, wilson_interval
 from .tasks import Question, Sample, make_samples
 
-EVICTION_METHODS = ("kvzip", "kvzip-uniform", "kvzip-head", "snapkv", "h2o", "kvzip+kivi2")
+EVICTION_METHODS = ("kvzip", "kvzip-uniform", "kvzip-head", "snapkv", "h2o", "streaming", "random", "kvzip+kivi2")
+PER_HEAD_METHODS = ("kvzip-uniform", "snapkv", "h2o", "streaming", "random")
 QUANT_METHODS = ("kivi2", "kivi4")
 ALL_METHODS = ("full",) + EVICTION_METHODS + QUANT_METHODS
-KIVI_GROUP, KIVI_RESIDUAL = 32, 128
+KIVI_GROUP, KIVI_RESIDUAL, KIVI_ORDER = 32, 128, "official"
 COMBINED_KIVI_BITS = 2
 
 
@@ -55,7 +65,7 @@ class Setting:
 
     @property
     def budget(self) -> str:
-        return "per_head" if self.method in ("kvzip-uniform", "snapkv", "h2o") else "global"
+        return "per_head" if self.method in PER_HEAD_METHODS else "global"
 
 
 def settings_for(methods: Sequence[str], ratios: Sequence[float]) -> List[Setting]:
@@ -83,43 +93,27 @@ def answer(ctx, question: Question):
 # ----------------------------------------------------------------------------------------------
 # KIVI as quantize-dequantize.
 
+def kivi_config(bits: int, group: int = KIVI_GROUP, residual: int = KIVI_RESIDUAL) -> KiviConfig:
+    """The harness's KIVI: both sides at ``bits``, official order (attend, then flush; see the diagnosis)."""
+    return KiviConfig(bits, bits, group, residual, KIVI_ORDER)
+
+
 def kivi_fake_quant(k: torch.Tensor, v: torch.Tensor, bits: int, group: int = KIVI_GROUP,
                     residual: int = KIVI_RESIDUAL):
     """(k_hat, v_hat) for one layer's k, v [B, H, T, D] under KIVI's prefill rule.
 
     Keys: the first T - T % residual tokens are quantized per channel (groups of ``group`` tokens
     aligned to token 0), the rest stay exact; values: all but the last ``residual`` tokens are quantized
-    per token (groups of ``group`` channels). Question and answer tokens appended later stay exact (they
-    fit in the full-precision tail for the answer lengths used here).
+    per token (groups of ``group`` channels). Tokens appended later follow the streaming rules of
+    :class:`~kvkernels.eval.kivi_sim.KiviSimCache`.
     """
-    T = k.shape[2]
-    tk = T - T % residual
-    tv = max(0, T - residual)
-    k_hat, v_hat = k.clone(), v.clone()
-    if tk:
-        codes, scale, zero = kvkernels.kivi_quantize(k[:, :, :tk].contiguous(), bits, group, "key")
-        k_hat[:, :, :tk] = kvkernels.kivi_dequantize(codes, scale, zero, bits, group, "key").to(k.dtype)
-    if tv:
-        codes, scale, zero = kvkernels.kivi_quantize(v[:, :, :tv].contiguous(), bits, group, "value")
-        v_hat[:, :, :tv] = kvkernels.kivi_dequantize(codes, scale, zero, bits, group, "value").to(v.dtype)
+    k_hat, v_hat, _, _ = prefill_image(k, v, kivi_config(bits, group, residual))
     return k_hat, v_hat
 
 
 def kivi_bytes(T: int, D: int, bits: int, group: int = KIVI_GROUP, residual: int = KIVI_RESIDUAL) -> int:
     """Bytes of one (layer, head) KIVI cache of T tokens: packed codes, fp16 scale/zero, fp16 tails."""
-    tk, tv = T - T % residual, max(0, T - residual)
-    keys = tk * D * bits // 8 + 2 * 2 * (tk // group) * D + (T - tk) * D * 2
-    values = tv * D * bits // 8 + 2 * 2 * tv * (D // group) + (T - tv) * D * 2
-    return keys + values
-
-
-def kivi_dense_context(dense: DenseContext, bits: int) -> DenseContext:
-    """A DenseContext over a new cache holding KIVI's quantize-dequantize image of ``dense``'s cache."""
-    cache = DynamicCache(config=dense.model.config)
-    keys, values = dense.layer_kv()
-    for layer, (k, v) in enumerate(zip(keys, values)):
-        cache.update(*kivi_fake_quant(k, v, bits), layer)
-    return DenseContext(dense.model, dense.tokenizer, dense.prompt, dense.input_ids, dense.sink_len, cache)
+    return kivi_config_bytes(T, D, kivi_config(bits, group, residual))
 
 
 def kivi_on_pool(ctx, bits: int) -> int:
@@ -167,18 +161,35 @@ def prefill_with_h2o(model, tokenizer, context: str, want_h2o: bool):
 
 
 @torch.no_grad()
-def snapkv_window_scores(dense: DenseContext, question: Question, kernel_size: int = 7) -> torch.Tensor:
-    """SnapKV scores [L, 1, Hkv, N]: the first question's tokens (with its answer prefix) as the window."""
-    L, Hkv, _ = model_shape(dense.model)
+def forward_question(dense: DenseContext, question: Question, capture) -> None:
+    """Run the question's tokens (with its answer prefix) over ``dense``'s cache with ``capture`` attached;
+    the cache is cropped back to the context afterwards."""
     ids = dense.prompt.question_ids(question.prompt, question.answer_prefix)[None].to(dense.input_ids.device)
-    capture = SnapKVCapture(L, 1, Hkv, dense.num_tokens, dense.input_ids.device, kernel_size)
     positions = torch.arange(dense.num_tokens, dense.num_tokens + ids.shape[1], device=ids.device)[None]
     try:
         with capturing(dense.model, capture):
             dense.model.get_decoder()(input_ids=ids, past_key_values=dense.cache, position_ids=positions, use_cache=True)
     finally:
         dense.cache.crop(-ids.shape[1])
+
+
+def snapkv_window_scores(dense: DenseContext, question: Question, kernel_size: int = 7) -> torch.Tensor:
+    """SnapKV scores [L, 1, Hkv, N]: the first question's tokens (with its answer prefix) as the window."""
+    L, Hkv, _ = model_shape(dense.model)
+    capture = SnapKVCapture(L, 1, Hkv, dense.num_tokens, dense.input_ids.device, kernel_size)
+    forward_question(dense, question, capture)
     return capture.scores
+
+
+def streaming_scores(L: int, Hkv: int, n_ctx: int) -> torch.Tensor:
+    """[L, Hkv, n_ctx]: later = larger, so a per-head top-k keeps the most recent tokens (StreamingLLM)."""
+    return torch.arange(n_ctx, dtype=torch.float32).expand(L, Hkv, n_ctx)
+
+
+def random_scores(L: int, Hkv: int, n_ctx: int, seed: str) -> torch.Tensor:
+    """[L, Hkv, n_ctx] uniform random scores from a generator seeded by ``seed`` (reproducible)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(seed.encode()))
+    return torch.rand(L, Hkv, n_ctx, generator=gen)
 
 
 def calibration_head_scores(model, tokenizer, target_tokens: int, seed: int) -> torch.Tensor:
@@ -191,24 +202,28 @@ def calibration_head_scores(model, tokenizer, target_tokens: int, seed: int) -> 
 
 
 def evaluate(model, tokenizer, tasks: Sequence[str], methods: Sequence[str], ratios: Sequence[float],
-             n_contexts: int, context_tokens: int, n_questions: int, seed: int = 0,
+             n_contexts: int, context_tokens, n_questions: int, seed: int = 0,
              progress: Optional[Callable] = None, log: Callable[[str], None] = lambda s: None) -> List[Dict]:
     """Run every setting on every sample; returns one row per (sample, setting, question).
 
+    ``context_tokens`` is one target length or a list of them (each row records its target as ``length``).
     ``progress`` is called with the number of answered questions after each answer (a tqdm update).
     """
+    lengths = [context_tokens] if isinstance(context_tokens, int) else list(context_tokens)
     settings = settings_for(methods, ratios)
-    L, Hkv, D = model_shape(model)
     count = lambda s: len(tokenizer(s, add_special_tokens=False).input_ids)  # noqa: E731
     names = {s.method for s in settings}
-    head_scores = None
-    if "kvzip-head" in names:
-        log("head-level KVzip: scoring the calibration context")
-        head_scores = calibration_head_scores(model, tokenizer, context_tokens, seed)
     rows: List[Dict] = []
-    for task in tasks:
-        for sample in make_samples(task, n_contexts, context_tokens, n_questions, seed, count):
-            rows.extend(_evaluate_sample(model, tokenizer, sample, settings, head_scores, progress, log))
+    for length in lengths:
+        head_scores = None
+        if "kvzip-head" in names:
+            log(f"head-level KVzip: scoring the calibration context ({length} tokens)")
+            head_scores = calibration_head_scores(model, tokenizer, length, seed)
+        for task in tasks:
+            for sample in make_samples(task, n_contexts, length, n_questions, seed, count):
+                for row in _evaluate_sample(model, tokenizer, sample, settings, head_scores, progress, log):
+                    row["length"] = length
+                    rows.append(row)
     return rows
 
 
@@ -224,6 +239,10 @@ def _evaluate_sample(model, tokenizer, sample: Sample, settings: List[Setting], 
         f"in {time.perf_counter() - t0:.1f}s")
     dense_rows = L * Hkv * dense.num_tokens
     scores_of = {"kvzip": kvzip, "kvzip-uniform": kvzip, "kvzip+kivi2": kvzip, "snapkv": snap, "h2o": h2o}
+    if "streaming" in names:
+        scores_of["streaming"] = streaming_scores(L, Hkv, n_ctx)
+    if "random" in names:
+        scores_of["random"] = random_scores(L, Hkv, n_ctx, f"{sample.task}/{sample.index}/{n_ctx}")
     rows = []
     for setting in settings:
         t1 = time.perf_counter()
@@ -231,7 +250,7 @@ def _evaluate_sample(model, tokenizer, sample: Sample, settings: List[Setting], 
             ctx, kv_fraction = dense, 1.0
         elif setting.method in QUANT_METHODS:
             bits = int(setting.method[-1])
-            ctx = kivi_dense_context(dense, bits)
+            ctx = KiviContext(dense, kivi_config(bits))
             kv_fraction = L * Hkv * kivi_bytes(dense.num_tokens, D, bits) / (dense_rows * D * 2 * 2)
         else:
             if setting.method == "kvzip-head":
@@ -257,40 +276,78 @@ def _evaluate_sample(model, tokenizer, sample: Sample, settings: List[Setting], 
     return rows
 
 
-def count_questions(tasks, methods, ratios, n_contexts, n_questions) -> int:
-    return len(tasks) * n_contexts * n_questions * len(settings_for(methods, ratios))
+def count_questions(tasks, methods, ratios, n_contexts, n_questions, n_lengths: int = 1) -> int:
+    return len(tasks) * n_contexts * n_questions * len(settings_for(methods, ratios)) * n_lengths
+
+
+def question_id(row: Dict) -> tuple:
+    """The identity of a question across settings (the pairing key of the paired comparisons)."""
+    return row.get("length"), row["task"], row["context"], row["question"]
 
 
 def summarize(rows: List[Dict], full_rows_for_keep1: bool = True) -> List[Dict]:
-    """Accuracy per (method, keep, task) and over all tasks ('all'); eviction methods get a keep-1.0 point
-    copied from the full cache (marked ``from_full``), since keeping everything is the full cache."""
+    """Accuracy per (length, method, keep, task) and over all tasks ('all'), with a 95 % Wilson interval,
+    the ratio to the full cache and paired comparisons on the same questions (McNemar exact): against the
+    full cache, and KVzip (global) against every other method at the same keep ratio.
+
+    Eviction methods get a keep-1.0 point copied from the full cache (marked ``from_full``), since
+    keeping everything is the full cache."""
     groups: Dict[tuple, List[Dict]] = {}
     for r in rows:
         for task in (r["task"], "all"):
-            groups.setdefault((r["method"], r["keep"], task), []).append(r)
+            groups.setdefault((r.get("length"), r["method"], r["keep"], task), []).append(r)
     out = []
-    for (method, keep, task), rs in groups.items():
-        out.append(_summary_row(method, keep, task, rs, from_full=False))
+    for (length, method, keep, task), rs in groups.items():
+        full = groups.get((length, "full", 1.0, task))
+        kvzip = groups.get((length, "kvzip", keep, task)) if method != "kvzip" else None
+        out.append(_summary_row(length, method, keep, task, rs, False, full, kvzip))
     if full_rows_for_keep1:
         # kvzip+kivi2 at keep 1.0 would be plain KIVI-2, not the full cache: no copied point for it.
         methods = {r["method"] for r in rows if r["method"] in EVICTION_METHODS and r["method"] != "kvzip+kivi2"}
-        for (method, keep, task), rs in list(groups.items()):
+        for (length, method, keep, task), rs in list(groups.items()):
             if method == "full":
-                out.extend(_summary_row(m, 1.0, task, rs, from_full=True) for m in sorted(methods))
+                out.extend(_summary_row(length, m, 1.0, task, rs, True, rs, None) for m in sorted(methods))
     order = {m: i for i, m in enumerate(ALL_METHODS)}
-    out.sort(key=lambda s: (s["task"] != "all", s["task"], order.get(s["method"], 99), s["keep"]))
+    out.sort(key=lambda s: (s["length"] or 0, s["task"] != "all", s["task"], order.get(s["method"], 99), s["keep"]))
     return out
 
 
-def _summary_row(method, keep, task, rs, from_full):
+def _paired(rs: List[Dict], other: Optional[List[Dict]]) -> Optional[Dict]:
+    """McNemar on the questions both row sets answered (None when there is nothing to pair)."""
+    if not other:
+        return None
+    mine = {question_id(r): r["correct"] for r in rs}
+    theirs = {question_id(r): r["correct"] for r in other}
+    common = sorted(set(mine) & set(theirs), key=str)
+    if not common:
+        return None
+    return mcnemar_exact([mine[q] for q in common], [theirs[q] for q in common])
+
+
+def _summary_row(length, method, keep, task, rs, from_full, full=None, kvzip=None):
     n = len(rs)
     correct = sum(r["correct"] for r in rs)
     later = [r for r in rs if not r["first_question"]]
-    return {
-        "task": task, "method": method, "keep": keep, "questions": n, "correct": correct,
-        "accuracy": round(correct / n, 4) if n else float("nan"),
+    lo, hi = wilson_interval(correct, n)
+    later_correct = sum(r["correct"] for r in later)
+    row = {
+        "length": length, "task": task, "method": method, "keep": keep, "questions": n, "correct": correct,
+        "accuracy": round(correct / n, 4) if n else float("nan"), "wilson_low": round(lo, 4), "wilson_high": round(hi, 4),
         "accuracy_first_q": round(sum(r["correct"] for r in rs if r["first_question"]) / max(1, n - len(later)), 4),
-        "accuracy_later_q": round(sum(r["correct"] for r in later) / len(later), 4) if later else float("nan"),
+        "accuracy_later_q": round(later_correct / len(later), 4) if later else float("nan"),
+        "later_questions": len(later),
         "kv_fraction": 1.0 if from_full else round(sum(r["kv_fraction"] for r in rs) / n, 4),
         "from_full": from_full,
     }
+    full_correct = sum(r["correct"] for r in full) if full else 0
+    ratio, rlo, rhi = ratio_interval(correct, n, full_correct, len(full) if full else 0)
+    row.update({"ratio_to_full": round(ratio, 4), "ratio_low": round(rlo, 4), "ratio_high": round(rhi, 4)})
+    vs_full = None if method == "full" or from_full else _paired(rs, full)
+    row["vs_full_diff"] = round(vs_full["diff"], 4) if vs_full else float("nan")
+    row["vs_full_p"] = round(vs_full["p_value"], 4) if vs_full else float("nan")
+    vs_kvzip = _paired(kvzip, rs) if kvzip and not from_full else None
+    row["kvzip_only"] = vs_kvzip["a_only"] if vs_kvzip else ""
+    row["method_only"] = vs_kvzip["b_only"] if vs_kvzip else ""
+    row["kvzip_minus_method"] = round(vs_kvzip["diff"], 4) if vs_kvzip else float("nan")
+    row["kvzip_vs_method_p"] = round(vs_kvzip["p_value"], 4) if vs_kvzip else float("nan")
+    return row

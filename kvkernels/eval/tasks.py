@@ -101,16 +101,20 @@ _CITIES = ["Lisbon", "Oslo", "Nairobi", "Lima", "Hanoi", "Quito", "Dublin", "Cai
            "Bogota", "Kyoto", "Porto", "Vienna", "Dakar", "Manila", "Zagreb", "Austin", "Geneva", "Madras"]
 
 
+def _needle_sample(rng: random.Random, task: str, facts, target_tokens: int, count_tokens: CountTokens) -> Sample:
+    """Plant ``facts`` = [(sentence, question, answer prefix, answer, kind, answer tokens)] in filler prose."""
+    text = " ".join(_grow(rng, [f[0] for f in facts], target_tokens, count_tokens, filler_sentence))
+    questions = [Question(q, (a,), kind, prefix, budget) for _, q, prefix, a, kind, budget in facts]
+    return Sample(task, 0, text, questions, {"needles": len(facts)})
+
+
 def multi_needle(rng: random.Random, target_tokens: int, n_questions: int = 4,
                  count_tokens: CountTokens = approx_tokens) -> Sample:
     """Needle-in-a-haystack with several needles: 'The special magic number for <city> is <n>.'"""
     cities = _distinct(rng, _CITIES, n_questions)
-    numbers = [_number(rng, 5) for _ in cities]
-    needles = [f"The special magic number for {c} is {n}." for c, n in zip(cities, numbers)]
-    text = " ".join(_grow(rng, needles, target_tokens, count_tokens, filler_sentence))
-    questions = [Question(f"What is the special magic number for {c}?", (n,), "needle",
-                          f"The special magic number for {c} is", 7) for c, n in zip(cities, numbers)]
-    return Sample("needle", 0, text, questions, {"needles": len(needles)})
+    facts = [(f"The special magic number for {c} is {n}.", f"What is the special magic number for {c}?",
+              f"The special magic number for {c} is", n, "needle", 7) for c, n in ((c, _number(rng, 5)) for c in cities)]
+    return _needle_sample(rng, "needle", facts, target_tokens, count_tokens)
 
 
 def _hex_id(rng: random.Random, n: int = 8) -> str:
@@ -210,8 +214,78 @@ def fact_directory(rng: random.Random, target_tokens: int, n_questions: int = 4,
     return Sample("fact_directory", 0, "Staff directory:\n" + "\n".join(lines), questions, {"people": len(people)})
 
 
+_LABELS = ["red", "blue", "green", "yellow", "orange", "purple", "black", "white", "golden", "silver",
+           "north", "south", "east", "west", "iron", "copper", "glass", "marble", "cedar", "oak"]
+
+
+def passkey(rng: random.Random, target_tokens: int, n_questions: int = 4,
+            count_tokens: CountTokens = approx_tokens) -> Sample:
+    """RULER's passkey, keyed so one context carries several: 'The pass key of the red vault is 48213.
+    Remember it.' in filler prose; each question asks a different vault's key."""
+    labels = _distinct(rng, _LABELS, n_questions)
+    facts = [(f"The pass key of the {c} vault is {k}. Remember it.", f"What is the pass key of the {c} vault?",
+              f"The pass key of the {c} vault is", k, "passkey", 7) for c, k in ((c, _number(rng, 5)) for c in labels)]
+    return _needle_sample(rng, "passkey", facts, target_tokens, count_tokens)
+
+
+_WORDS = ["umbrella", "pineapple", "telescope", "volcano", "penguin", "saxophone", "cactus", "lantern",
+          "dolphin", "avocado", "compass", "giraffe", "harmonica", "iceberg", "kangaroo", "lemonade",
+          "mushroom", "octopus", "parachute", "raccoon", "scarecrow", "tornado", "walrus", "zeppelin"]
+
+
+def word_needle(rng: random.Random, target_tokens: int, n_questions: int = 4,
+                count_tokens: CountTokens = approx_tokens) -> Sample:
+    """Keyed word needles: "Priya Novak's secret word is penguin." in filler; the answer is a word, not a
+    number, so the task checks that a method keeps a whole distinctive fact (name and word)."""
+    people: List[str] = []
+    while len(people) < n_questions:
+        name = f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
+        if name not in people:
+            people.append(name)
+    words = _distinct(rng, _WORDS, n_questions)
+    facts = [(f"{p}'s secret word is {w}.", f"What is {p}'s secret word?", f"{p}'s secret word is", w, "word", 5)
+             for p, w in zip(people, words)]
+    return _needle_sample(rng, "word_needle", facts, target_tokens, count_tokens)
+
+
+def _mixed_facts(rng: random.Random, n: int):
+    """n (needle sentence, question, answer prefix, answer, kind, answer tokens) of DIFFERENT shapes."""
+    city, label = rng.choice(_CITIES), rng.choice(_LABELS)
+    person = f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
+    # (The secret-word shape of word_needle was tried here first: SmolLM2 invents a name for it.)
+    num, key, room = _number(rng, 5), _number(rng, 5), _number(rng, 3)
+    colour, animal_owner = rng.choice(_COLOURS), rng.choice(_FIRST)
+    pet = rng.choice(["parrot", "hamster", "tortoise", "ferret", "goldfish", "rabbit"])
+    facts = [
+        (f"The special magic number for {city} is {num}.", f"What is the special magic number for {city}?",
+         f"The special magic number for {city} is", num, "needle", 7),
+        (f"The pass key of the {label} vault is {key}. Remember it.", f"What is the pass key of the {label} vault?",
+         f"The pass key of the {label} vault is", key, "passkey", 7),
+        (f"{person} lives in room {room}.", f"Which room does {person} live in?", f"{person} lives in room",
+         room, "room", 5),
+        (f"The front door of the museum is painted {colour}.", "What colour is the front door of the museum?",
+         "The front door of the museum is painted", colour, "colour", 4),
+        (f"{animal_owner}'s pet is a {pet}.", f"What kind of animal is {animal_owner}'s pet?",
+         f"{animal_owner}'s pet is a", pet, "pet", 4),
+    ]
+    if n > len(facts):
+        raise ValueError(f"mixed_needle has {len(facts)} fact shapes; asked for {n} questions")
+    return rng.sample(facts, n)
+
+
+def mixed_needle(rng: random.Random, target_tokens: int, n_questions: int = 4,
+                 count_tokens: CountTokens = approx_tokens) -> Sample:
+    """Several needles of DIFFERENT shapes (a magic number, a vault pass key, a room number, a door colour,
+    a pet) in filler: each question's key phrase occurs once in the context, so a small model does not
+    confuse needles of the same template, and each question depends on a different place."""
+    return _needle_sample(rng, "mixed_needle", _mixed_facts(rng, n_questions), target_tokens, count_tokens)
+
+
 TASKS: Dict[str, Callable[..., Sample]] = {
     "needle": multi_needle,
+    "mixed_needle": mixed_needle,
+    "passkey": passkey,
+    "word_needle": word_needle,
     "kv_retrieval": kv_retrieval,
     "var_tracking": variable_tracking,
     "fact_directory": fact_directory,
