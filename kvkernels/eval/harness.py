@@ -21,9 +21,10 @@ Methods (``keep`` = fraction of context KV pairs KEPT; the chat-template sink is
 * ``kivi2`` / ``kivi4``: KIVI 2/4-bit (group 32, residual 128) applied to the dense cache as
   quantize-dequantize (numerically the attention KIVI computes) with KIVI's streaming flush rules and
   its official order (attend, then flush: ``kivi_sim``); no eviction, the x axis is bytes.
-* ``kvzip+kivi2``: KVzip (global) at each keep ratio, then KIVI-2's prefill rule on every kept (layer,
-  head) segment of the ragged pool (question and answer tokens stay exact). When the quantized pool
-  (branch qpool) lands, switch ``kivi_on_pool`` to ``CompressedContext.quantize(2)``.
+* ``kvzip+kivi2``: KVzip (global) at each keep ratio, then the real KIVI-2 quantized ragged pool
+  (``CompressedContext.quantize(2)``: group 32, residual 128, KIVI's order; decoded by
+  ``quant_pool_attention``). Its bytes are counted as KIVI's fp16 layout of each kept segment
+  (:func:`kivi_bytes`), comparable with ``kivi2``/``kivi4``.
 
 A keep ratio of 1.0 evicts nothing, so eviction methods are not re-run at 1.0: their 1.0 point is the
 full cache's accuracy (marked ``from_full`` in the results; not for ``kvzip+kivi2``, whose 1.0 is KIVI-2).
@@ -116,24 +117,10 @@ def kivi_bytes(T: int, D: int, bits: int, group: int = KIVI_GROUP, residual: int
     return kivi_config_bytes(T, D, kivi_config(bits, group, residual))
 
 
-def kivi_on_pool(ctx, bits: int) -> int:
-    """Quantize-dequantize every kept (layer, b, head) segment of a CompressedContext in place; returns its bytes."""
-    pool = ctx.pool
-    L, B, H = pool.seg_start.shape
-    D = pool.k_pool.shape[1]
-    starts, lens = pool.seg_start.tolist(), pool.seg_len.tolist()
-    total = 0
-    for l in range(L):
-        for b in range(B):
-            for h in range(H):
-                s, n = starts[l][b][h], lens[l][b][h]
-                k = pool.k_pool[s:s + n][None, None]
-                v = pool.v_pool[s:s + n][None, None]
-                k_hat, v_hat = kivi_fake_quant(k, v, bits)
-                pool.k_pool[s:s + n] = k_hat[0, 0]
-                pool.v_pool[s:s + n] = v_hat[0, 0]
-                total += kivi_bytes(n, D, bits)
-    return total
+def kivi_pool_bytes(ctx, bits: int) -> int:
+    """Bytes of KIVI's fp16 layout (:func:`kivi_bytes`) of every kept (layer, b, head) segment of a context."""
+    D = ctx.pool.k_pool.shape[1]
+    return sum(kivi_bytes(n, D, bits) for n in ctx.pool.seg_len.flatten().tolist())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,7 +246,8 @@ def _evaluate_sample(model, tokenizer, sample: Sample, settings: List[Setting], 
                 ctx = dense.compress(setting.keep, budget=setting.budget, scores=scores_of[setting.method])
             kv_fraction = ctx.kept_rows() / dense_rows
             if setting.method == "kvzip+kivi2":
-                kv_fraction = kivi_on_pool(ctx, COMBINED_KIVI_BITS) / (dense_rows * D * 2 * 2)
+                kv_fraction = kivi_pool_bytes(ctx, COMBINED_KIVI_BITS) / (dense_rows * D * 2 * 2)
+                ctx = ctx.quantize(COMBINED_KIVI_BITS, KIVI_GROUP, KIVI_RESIDUAL)
         setup_s = time.perf_counter() - t1
         for qi, question in enumerate(sample.questions):
             a = answer(ctx, question)
