@@ -49,7 +49,12 @@ _FAMILY = {
 _KERNEL_MODULES: dict[str, dict[str, str]] = {
     "triton": dict(_FAMILY),
     "cupy": {"topk_mask": "topk"},
-    "cpu": {},
+    "cpu": {
+        "ragged_attention": "ragged_attention",
+        "ragged_append": "pool",
+        "kvzip_score": "kvzip_score",
+        "kivi_attention": "kivi",
+    },
 }
 _FALLBACK = {"cupy": "triton", "triton": "reference", "cpu": "reference"}
 

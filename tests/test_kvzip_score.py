@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import kvkernels
 from kvkernels.reference.kvzip_score import kvzip_score as reference_kvzip_score
 
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", "cpu", "triton"]
 # Inputs are exactly representable in fp32 and every backend computes in fp32: tolerances are fp32's.
 TOL = {torch.float32: dict(rtol=1e-4, atol=2e-6), torch.float16: dict(rtol=1e-4, atol=2e-6),
        torch.bfloat16: dict(rtol=1e-4, atol=2e-6)}
