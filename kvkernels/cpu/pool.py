@@ -19,6 +19,11 @@ import torch
 from kvkernels._validate import check_capacity
 
 
+def _layer_rows(table: torch.Tensor, layer: int) -> list[int]:
+    """Layer ``layer`` of an [L, B, H] segment table as a flat Python list (one host read, no tensor ops)."""
+    return [x for per_batch in table.tolist()[layer] for x in per_batch]
+
+
 def _destination_rows(starts: list[int], lens: list[int], t: int) -> torch.Tensor:
     """int64 pool rows that the t new rows of each segment go to, segments in flat (b, h) order."""
     return torch.tensor([s + n + i for s, n in zip(starts, lens) for i in range(t)], dtype=torch.int64)
@@ -59,13 +64,12 @@ def ragged_append(
 ) -> None:
     """Write k_new/v_new [B, Hkv, t, D] after the live rows of each segment of ``layer``; grow seg_len."""
     t = k_new.shape[2]
-    lens = seg_len[layer].flatten().tolist()
-    caps = seg_cap[layer].flatten().tolist()
+    lens, caps = _layer_rows(seg_len, layer), _layer_rows(seg_cap, layer)
     if any(n + t > c for n, c in zip(lens, caps)):
         check_capacity(seg_len, seg_cap, layer, t)  # raises with the reference's message
     if t == 0:
         return
-    starts = seg_start[layer].flatten().tolist()
+    starts = _layer_rows(seg_start, layer)
     step = _even_step(starts, lens)
     rows = None if step is not None else _destination_rows(starts, lens, t)
     _write(k_pool, k_new, starts, lens, step, rows)

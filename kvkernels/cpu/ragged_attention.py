@@ -79,23 +79,25 @@ def ragged_attention(
     q_rows = q.reshape(S, 1, rows, D)
     if q_rows.stride(-1) != 1:
         q_rows = q_rows.contiguous()
-    starts, lens = seg_start.flatten().tolist(), seg_len.flatten().tolist()
-    o = torch.empty(S, 1, rows, D, dtype=q.dtype)
-    lse = torch.empty(S, 1, rows, dtype=torch.float32)
+    starts = [s for per_batch in seg_start.tolist() for s in per_batch]
+    lens = [n for per_batch in seg_len.tolist() for n in per_batch]
+    o = lse = None  # allocated only when the segments need more than one call
     for s, count, step in _equal_length_runs(starts, lens):
-        n, seg = lens[s], slice(s, s + count)
+        n = lens[s]
         if n == 0:
-            o[seg] = 0
-            lse[seg] = float("-inf")
-            continue
-        keys = _segment_views(k_pool, starts[s], step, count, n)
-        values = _segment_views(v_pool, starts[s], step, count, n)
-        o_run, lse_run = _attend(q_rows[seg], keys, values, n, Lq, G, sm_scale)
+            o_run = q_rows.new_zeros(count, 1, rows, D)
+            lse_run = torch.full((count, 1, rows), float("-inf"))
+        else:
+            keys = _segment_views(k_pool, starts[s], step, count, n)
+            values = _segment_views(v_pool, starts[s], step, count, n)
+            o_run, lse_run = _attend(q_rows[s:s + count], keys, values, n, Lq, G, sm_scale)
         if count == S:  # one run covers the whole call: its outputs are the op's outputs
             o, lse = o_run, lse_run
-        else:
-            o[seg] = o_run
-            lse[seg] = lse_run
-    o = o.reshape(B, Hq, Lq, D)
-    lse = lse.reshape(B, Hq, Lq) if return_lse else lse.new_empty(0)
-    return o, lse
+            break
+        if o is None:
+            o = torch.empty(S, 1, rows, D, dtype=q.dtype)
+            lse = torch.empty(S, 1, rows, dtype=torch.float32)
+        o[s:s + count] = o_run
+        lse[s:s + count] = lse_run
+    o = o.view(B, Hq, Lq, D)
+    return o, (lse.view(B, Hq, Lq) if return_lse else lse.new_empty(0))
