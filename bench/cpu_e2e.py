@@ -240,17 +240,22 @@ def main(argv=None) -> None:
     model, tokenizer = load_smollm2(device="cpu")
     floor, floor_tokens = floor_ms(model, tokenizer, args)
     print(f"floor: {floor:.1f} ms/token at {floor_tokens} tokens", flush=True)
-    rows = [run_length(model, tokenizer, int(n), args) for n in args.lengths.split(",")]
-    records = table(rows, floor)
     meta = {
         "command": "python -m bench.cpu_e2e " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores visible",
         "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-        "load_average_at_end": os.getloadavg(), "backend": "auto (cpu for CPU tensors)",
-        "floor_ms": round(floor, 2), "floor_context_tokens": floor_tokens,
+        "backend": "auto (cpu for CPU tensors)", "floor_ms": round(floor, 2), "floor_context_tokens": floor_tokens,
         "note": "median per-step decode time, caches interleaved; a shared machine: read the ratios",
     }
-    prefix = Path(args.out)
+    rows = []
+    for n in args.lengths.split(","):
+        rows.append(run_length(model, tokenizer, int(n), args))
+        meta["load_average"] = os.getloadavg()
+        write(Path(args.out), table(rows, floor), meta, floor)  # after every length: a cut-short run keeps its rows
+    print(f"wrote {args.out}.csv/.json/.png")
+
+
+def write(prefix: Path, records: list[dict], meta: dict, floor: float) -> None:
     prefix.parent.mkdir(parents=True, exist_ok=True)
     with open(prefix.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(records[0]))
@@ -258,7 +263,6 @@ def main(argv=None) -> None:
         writer.writerows(records)
     prefix.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": records}, indent=2) + "\n")
     plot(records, floor, prefix.with_suffix(".png"))
-    print(f"wrote {prefix}.csv/.json/.png")
 
 
 if __name__ == "__main__":
