@@ -52,7 +52,13 @@ _FAMILY = {
 _KERNEL_MODULES: dict[str, dict[str, str]] = {
     "triton": dict(_FAMILY),
     "cupy": {"topk_mask": "topk"},
-    "cpu": {"quant_pool_attention": "quant_pool"},
+    "cpu": {
+        "ragged_attention": "ragged_attention",
+        "ragged_append": "pool",
+        "kvzip_score": "kvzip_score",
+        "kivi_attention": "kivi",
+        "quant_pool_attention": "quant_pool",
+    },
 }
 _FALLBACK = {"cupy": "triton", "triton": "reference", "cpu": "reference"}
 
@@ -132,21 +138,42 @@ def _auto(device: torch.device) -> str:
     return "reference"
 
 
-def resolve(op: str, device: torch.device) -> Callable:
-    """The function that implements ``op`` for tensors on ``device`` under the current backend."""
-    requested = current_backend()
+# (op, requested backend, device type) -> (backend that runs, kernel function). Only successful
+# resolutions are cached, so a backend that cannot run is re-examined (and reported) at every call. The
+# one input not in the key, TRITON_INTERPRET, matters only for Triton on CPU tensors, which re-checks it
+# at every call. Dispatch thus costs one env read and a dict lookup per call (no importlib, no spec search).
+_resolved: dict[tuple[str, str, str], tuple[str, Callable]] = {}
+
+
+def _lookup(op: str, requested: str, device: torch.device) -> tuple[str, Callable]:
     backend = _auto(device) if requested == "auto" else requested
     while backend != "reference" and op not in _KERNEL_MODULES[backend]:
         backend = _FALLBACK[backend]
     ok, why = _can_run(backend, device)
     if not ok:
         raise RuntimeError(f"kvkernels.{op}: backend {backend!r} (requested {requested!r}) cannot run here: {why}")
-    _local.last = (op, backend)
     if backend == "reference":
         module = importlib.import_module(f"kvkernels.reference.{_FAMILY[op]}")
     else:
         module = importlib.import_module(f"kvkernels.{backend}.{_KERNEL_MODULES[backend][op]}")
-    return getattr(module, op)
+    return backend, getattr(module, op)
+
+
+def resolve(op: str, device: torch.device) -> Callable:
+    """The function that implements ``op`` for tensors on ``device`` under the current backend."""
+    requested = current_backend()
+    key = (op, requested, device.type)
+    hit = _resolved.get(key)
+    if hit is None or (hit[0] == "triton" and key[2] == "cpu" and not triton_interpreting()):
+        hit = _lookup(op, requested, device)  # raises if the interpreter was switched off since
+        _resolved[key] = hit
+    _local.last = (op, hit[0])
+    return hit[1]
+
+
+def clear_cache() -> None:
+    """Forget resolved kernels (after changing ``_KERNEL_MODULES`` or installing a backend, e.g. in tests)."""
+    _resolved.clear()
 
 
 def last_choice() -> tuple[str, str] | None:

@@ -125,7 +125,45 @@ def check_compact_kv(keys, values, keep, num_kept, slack):
     integer(op, "slack", slack, 0)
 
 
+# Decode-path fast checks: ragged_append and ragged_attention run once per layer per decoded token, so
+# their checks first try one boolean expression that holds exactly when every detailed check below
+# passes (no per-check function calls); only when it fails do the detailed checks run, to name the
+# argument in the error. Each predicate must imply its detailed check: keep the two in step.
+_T = torch.Tensor
+
+
+def _append_ok(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new) -> bool:
+    if not (type(k_pool) is _T and type(v_pool) is _T and type(seg_start) is _T and type(seg_len) is _T
+            and type(seg_cap) is _T and type(k_new) is _T and type(v_new) is _T and type(layer) is int):
+        return False
+    dt, shape, table = k_pool.dtype, k_pool.shape, seg_start.shape
+    dev = k_pool.device
+    return (len(shape) == 2 and dt in FLOAT_DTYPES and v_pool.dtype == dt and v_pool.shape == shape
+            and len(table) == 3 and seg_start.dtype == torch.int64 and seg_len.dtype == torch.int32
+            and seg_cap.dtype == torch.int32 and seg_len.shape == table and seg_cap.shape == table
+            and 0 <= layer < table[0] and k_new.dtype == dt and v_new.dtype == dt and k_new.dim() == 4
+            and k_new.shape == (table[1], table[2], k_new.shape[2], shape[1]) and v_new.shape == k_new.shape
+            and v_pool.device == dev and seg_start.device == dev and seg_len.device == dev
+            and seg_cap.device == dev and k_new.device == dev and v_new.device == dev)
+
+
+def _attention_ok(q, k_pool, v_pool, seg_start, seg_len) -> bool:
+    if not (type(q) is _T and type(k_pool) is _T and type(v_pool) is _T and type(seg_start) is _T
+            and type(seg_len) is _T):
+        return False
+    qs, dt, dev = q.shape, q.dtype, q.device
+    table = seg_start.shape
+    return (len(qs) == 4 and dt in FLOAT_DTYPES and qs[3] in HEAD_DIMS and qs[2] >= 1
+            and k_pool.dim() == 2 and k_pool.dtype == dt and v_pool.dtype == dt and k_pool.shape[1] == qs[3]
+            and v_pool.shape == k_pool.shape and len(table) == 2 and seg_start.dtype == torch.int64
+            and seg_len.dtype == torch.int32 and table[0] == qs[0] and seg_len.shape == table
+            and table[1] > 0 and qs[1] % table[1] == 0
+            and k_pool.device == dev and v_pool.device == dev and seg_start.device == dev and seg_len.device == dev)
+
+
 def check_ragged_append(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new):
+    if _append_ok(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new):
+        return
     op = "ragged_append"
     tensor(op, "k_pool", k_pool, 2, FLOAT_DTYPES)
     tensor(op, "v_pool", v_pool, 2, (k_pool.dtype,))
@@ -147,6 +185,8 @@ def check_ragged_append(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_ne
 
 
 def check_ragged_attention(q, k_pool, v_pool, seg_start, seg_len):
+    if _attention_ok(q, k_pool, v_pool, seg_start, seg_len):
+        return
     op = "ragged_attention"
     tensor(op, "q", q, 4, FLOAT_DTYPES)
     tensor(op, "k_pool", k_pool, 2, (q.dtype,))

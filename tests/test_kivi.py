@@ -319,6 +319,24 @@ def test_triton_attention_matches_reference(name, dtype, poisoned):
     run_attention_case(name, dtype)
 
 
+@pytest.mark.parametrize("name", list(ATTN_CASES))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cpu_attention_matches_reference(name, dtype, monkeypatch):
+    from kvkernels.cpu import kivi as cpu_kivi
+
+    B, Hkv, G, Lq, D, Tk, Rk, Tv, bits, group, rank, _ = ATTN_CASES[name]
+    args = make_attention_case(B, Hkv, G, Lq, D, Tk, Rk, Tv, bits, group, dtype, rank=rank or 0, seed=len(name))
+    want = ref.kivi_attention(*args)
+    monkeypatch.setattr(cpu_kivi, "_BLOCK_TOKENS", 32)  # several blocks even on these short caches
+    with kvkernels.use_backend("cpu"):
+        got = torch.ops.kvkernels.kivi_attention(*args)
+        assert kvkernels.last_choice() == ("kivi_attention", "cpu")
+    assert got.dtype == dtype and got.shape == want.shape and torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), want.float(), **ATTN_TOL[dtype])
+    if name in ("lq-gt-t", "empty"):
+        assert torch.equal(got[:, :, :2], torch.zeros_like(got[:, :, :2]))
+
+
 def test_attention_rows_that_see_nothing_are_zero(poisoned):
     args, got = run_attention_case("lq-gt-t", torch.float32)
     assert torch.equal(got[:, :, :2], torch.zeros_like(got[:, :, :2]))  # Lq = 6 > T = 4

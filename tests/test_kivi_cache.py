@@ -17,7 +17,7 @@ from kvkernels.reference import kivi as ref
 pytest.importorskip("triton")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", "cpu", "triton"]
 
 
 def dense_sequence(B, H, T, D, dtype, seed=0):

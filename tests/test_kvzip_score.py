@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import kvkernels
 from kvkernels.reference.kvzip_score import kvzip_score as reference_kvzip_score
 
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", "cpu", "triton"]
 # Inputs are exactly representable in fp32 and every backend computes in fp32: tolerances are fp32's.
 TOL = {torch.float32: dict(rtol=1e-4, atol=2e-6), torch.float16: dict(rtol=1e-4, atol=2e-6),
        torch.bfloat16: dict(rtol=1e-4, atol=2e-6)}
@@ -206,3 +206,18 @@ def test_compiled_kernel_on_a_realistic_chunk(dtype):
     got = run_op("triton", q, k, ks, 10, 100, 2100)
     want = run_op("reference", q, k, ks, 10, 100, 2100)
     torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("case", CASES[:3], ids=CASE_IDS[:3])
+def test_cpu_blocks_match_one_block(case, monkeypatch):
+    """The cpu kernel's pass over chunk keys in many small blocks gives the single-block answer."""
+    from kvkernels.cpu import kvzip_score as cpu_mod
+
+    B, Hq, Hkv, Lq, D, N, sink, cs, ce = case
+    q, k, ks = make_inputs(B, Hq, Hkv, Lq, D, N, torch.float32, "cpu")
+    whole = cpu_mod.kvzip_score(q, k, ks, sink, cs, ce, 0.1)
+    monkeypatch.setattr(cpu_mod, "_BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(cpu_mod, "_MIN_BLOCK", 8)  # blocks of 8 keys: several per chunk
+    blocked = cpu_mod.kvzip_score(q, k, ks, sink, cs, ce, 0.1)
+    torch.testing.assert_close(blocked, whole, rtol=0, atol=0)
+    torch.testing.assert_close(blocked, reference_kvzip_score(q, k, ks, sink, cs, ce, 0.1), **TOL[torch.float32])

@@ -105,6 +105,11 @@ def test_backend_env_and_context(monkeypatch):
         assert kvkernels.current_backend() == "auto"
         kvkernels.topk_mask(rand(2, 5), 2)
         assert kvkernels.last_choice() == ("topk_mask", "reference")  # auto on CPU = cpu, which falls through to reference for ops it lacks
+        if not torch.cuda.is_available():
+            q = rand(1, 3, 1, 64)
+            kvkernels.ragged_attention(q, rand(4, 64), rand(4, 64), torch.zeros(1, 1, dtype=torch.int64),
+                                       torch.full((1, 1), 4, dtype=torch.int32))
+            assert kvkernels.last_choice() == ("ragged_attention", "cpu")  # ops it implements run on it
     assert kvkernels.current_backend() == "reference"
     monkeypatch.setenv("KVKERNELS_BACKEND", "fast")
     with pytest.raises(ValueError, match="KVKERNELS_BACKEND.*unknown backend 'fast'"):

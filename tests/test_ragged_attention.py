@@ -116,11 +116,15 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", poisoned)
 
 
-def run_triton(*args, **kwargs):
-    with kvkernels.use_backend("triton"):
+def run_backend(backend, *args, **kwargs):
+    with kvkernels.use_backend(backend):
         out = torch.ops.kvkernels.ragged_attention(*args, **kwargs)
-        assert kvkernels.last_choice() == ("ragged_attention", "triton")
+        assert kvkernels.last_choice() == ("ragged_attention", backend)
     return out
+
+
+def run_triton(*args, **kwargs):
+    return run_backend("triton", *args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -188,10 +192,73 @@ def test_triton_matches_reference(monkeypatch, dtype, G, D, Lq, case, return_lse
         assert lse.shape == (0,) and lse.dtype == torch.float32
 
 
-def test_empty_visibility_gives_zero_and_neg_inf():
+# ---------------------------------------------------------------------------------------------------
+# The cpu backend vs the reference (every dtype, bf16 included: it runs natively, not interpreted)
+
+CPU_CASES = [c for c in TRITON_CASES] + [
+    (torch.bfloat16, 3, 64, 1, "skewed", True),
+    (torch.bfloat16, 4, 128, 3, "mixed", True),
+    (torch.bfloat16, 1, 64, 2, "short", False),
+    (torch.float32, 3, 64, 1, "uniform", True),  # one batched call over evenly spaced equal segments
+    (torch.float16, 4, 64, 3, "uniform", True),
+]
+
+
+@pytest.mark.parametrize("dtype,G,D,Lq,case,return_lse", CPU_CASES,
+                         ids=[f"{str(c[0])[6:]}-G{c[1]}-D{c[2]}-Lq{c[3]}-{c[4]}-lse{int(c[5])}" for c in CPU_CASES])
+def test_cpu_matches_reference(monkeypatch, dtype, G, D, Lq, case, return_lse):
+    args = make_inputs(CASES[case], G, Lq, D, dtype, device="cpu")
+    scale = 1.0 / math.sqrt(D)
+    o_ref, lse_ref = reference(*args, scale, True)
+    poison_empty(monkeypatch)
+    o, lse = run_backend("cpu", *args, scale, return_lse)
+    monkeypatch.undo()
+    assert o.dtype == dtype and o.shape == args[0].shape and o.is_contiguous()
+    assert torch.isfinite(o).all()
+    torch.testing.assert_close(o, o_ref, **TOL[dtype])
+    if return_lse:
+        assert lse.dtype == torch.float32 and lse.shape == args[0].shape[:3]
+        assert_lse_close(lse, lse_ref, atol=1e-4 if dtype == torch.float32 else 1e-3)
+    else:
+        assert lse.shape == (0,) and lse.dtype == torch.float32
+
+
+def test_cpu_batches_evenly_spaced_segments_without_copies(monkeypatch):
+    """A pool of equal segments at even spacing (an un-evicted cache) is one fused call over a view."""
+    from kvkernels.cpu import ragged_attention as cpu_mod
+
+    calls = []
+    real = cpu_mod._flash
+    monkeypatch.setattr(cpu_mod, "_flash", lambda q, k, v, **kw: calls.append(k.shape) or real(q, k, v, **kw))
+    args = make_inputs([[40, 40, 40], [40, 40, 40]], 3, 1, 64, torch.float32, device="cpu")
+    seg_start = torch.arange(6, dtype=torch.int64).view(2, 3) * 43 + 5  # even spacing, slack 3
+    k_pool, v_pool = args[1], args[2]
+    k_pool[:5 + 6 * 43] = torch.randn(5 + 6 * 43, 64)
+    got = run_backend("cpu", args[0], k_pool, v_pool, seg_start, args[4], 0.125, True)
+    assert calls == [torch.Size([6, 1, 40, 64])]
+    want = reference(args[0], k_pool, v_pool, seg_start, args[4], 0.125, True)
+    torch.testing.assert_close(got[0], want[0], **TOL[torch.float32])
+
+
+def test_opcheck_on_cpu_backend():
+    args = make_inputs([[3, 40]], 3, 2, 64, torch.float32, device="cpu")
+    with kvkernels.use_backend("cpu"):
+        torch.library.opcheck(torch.ops.kvkernels.ragged_attention.default, (*args, None, True))
+
+
+def test_compiled_cpu_backend_matches_eager():
+    args = make_inputs(CASES["mixed"], 3, 1, 64, torch.float32, device="cpu")
+    with kvkernels.use_backend("cpu"):
+        eager = kvkernels.ragged_attention(*args, return_lse=True)
+        compiled = torch.compile(lambda *a: kvkernels.ragged_attention(*a, return_lse=True), fullgraph=True)(*args)
+    torch.testing.assert_close(compiled, eager, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_empty_visibility_gives_zero_and_neg_inf(backend):
     # seg_len < Lq: the first queries see nothing; an empty segment sees nothing at all.
     q, k_pool, v_pool, seg_start, seg_len = make_inputs([[0, 2]], 2, 4, 64, torch.float32)
-    o, lse = run_triton(q, k_pool, v_pool, seg_start, seg_len, 0.125, True)
+    o, lse = run_backend(backend, q, k_pool, v_pool, seg_start, seg_len, 0.125, True)
     assert (o[0, :2] == 0).all() and torch.isneginf(lse[0, :2]).all()  # KV head 0: empty
     assert (o[0, 2:, :2] == 0).all() and torch.isneginf(lse[0, 2:, :2]).all()  # rows 0, 1 see no row
     torch.testing.assert_close(o[0, 2:, 2], v_pool[seg_start[0, 1]].expand(2, -1))  # row 2 sees row 0 only
@@ -199,27 +266,30 @@ def test_empty_visibility_gives_zero_and_neg_inf():
     assert torch.isfinite(lse[0, 2:, 3]).all() and torch.isfinite(o[0, 2:, 3]).all()
 
 
-def test_empty_pool():
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_empty_pool(backend):
     q = torch.randn(2, 4, 1, 64, device=DEVICE)
     k_pool = torch.empty(0, 64, device=DEVICE)
     seg_start = torch.zeros(2, 2, dtype=torch.int64, device=DEVICE)
     seg_len = torch.zeros(2, 2, dtype=torch.int32, device=DEVICE)
-    o, lse = run_triton(q, k_pool, k_pool.clone(), seg_start, seg_len, 0.125, True)
+    o, lse = run_backend(backend, q, k_pool, k_pool.clone(), seg_start, seg_len, 0.125, True)
     assert (o == 0).all() and torch.isneginf(lse).all()
 
 
-def test_strided_query_and_pool():
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_strided_query_and_pool(backend):
     q, k_pool, v_pool, seg_start, seg_len = make_inputs(CASES["mixed"], 3, 2, 64, torch.float32)
     q_t = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, Hq, Lq, D] view with Lq-major storage
     wide = torch.randn(k_pool.shape[0], 2 * 64, device=DEVICE)
     wide[:, ::2] = k_pool  # k_pool as a view with channel stride 2
     o_ref, lse_ref = reference(q, k_pool, v_pool, seg_start, seg_len, 0.125, True)
-    o, lse = run_triton(q_t, wide[:, ::2], v_pool, seg_start, seg_len, 0.125, True)
+    o, lse = run_backend(backend, q_t, wide[:, ::2], v_pool, seg_start, seg_len, 0.125, True)
     torch.testing.assert_close(o, o_ref, **TOL[torch.float32])
     assert_lse_close(lse, lse_ref, atol=1e-4)
 
 
-def test_no_stray_reads_outside_segments():
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_no_stray_reads_outside_segments(backend):
     # NaN in every row that no segment owns (slack, foreign rows): one stray read would show as NaN.
     q, k_pool, v_pool, seg_start, seg_len = make_inputs(CASES["mixed"], 4, 3, 64, torch.float16)
     o_clean, _ = reference(q, k_pool, v_pool, seg_start, seg_len, 0.125, True)
@@ -230,7 +300,7 @@ def test_no_stray_reads_outside_segments():
     v_pool[~owned] = float("nan")
     o_ref, _ = reference(q, k_pool, v_pool, seg_start, seg_len, 0.125, True)
     torch.testing.assert_close(o_ref, o_clean, atol=0, rtol=0)  # the reference ignores those rows too
-    o, _ = run_triton(q, k_pool, v_pool, seg_start, seg_len, 0.125, True)
+    o, _ = run_backend(backend, q, k_pool, v_pool, seg_start, seg_len, 0.125, True)
     torch.testing.assert_close(o, o_ref, **TOL[torch.float16])
 
 

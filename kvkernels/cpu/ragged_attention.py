@@ -1,0 +1,103 @@
+"""Attention over the ragged per-head pool on CPU tensors (op ``ragged_attention``).
+
+Each segment is attended in place: its keys and values are a view of the pool (rows ``start ..
+start + len``), never gathered or padded to the longest segment, so the work is proportional to the
+live rows. The attention itself is PyTorch's fused CPU flash kernel (fp32 accumulation for fp16/bf16,
+and it returns the log-sum-exp). Segments that share a length and sit at evenly spaced starts (every
+segment of a per-head or per-layer budget, or an un-evicted cache, as ``compact_kv`` lays them out)
+are batched into one call over a strided view of the pool; the others get one call each.
+
+The G query heads of a KV head and their Lq rows are the G*Lq rows of one query "head", so one call
+serves the whole GQA group. Lq > 1 (question prefill) is bottom-right causal per segment through an
+additive mask. Reading ``seg_len`` and ``seg_start`` on the host costs nothing here (CPU tensors);
+the op stays opaque to torch.compile behind its custom-op registration.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+
+
+def _segment_views(pool: torch.Tensor, start: int, step: int, count: int, n: int) -> torch.Tensor:
+    """[count, 1, n, D] view of ``count`` segments of ``n`` rows starting at ``start``, ``step`` rows apart."""
+    row, col = pool.stride()
+    view = pool.as_strided((count, 1, n, pool.shape[1]), (step * row, 0, row, col), pool.storage_offset() + start * row)
+    # The fused kernel assumes a channel stride of 1 (any other gives wrong output, not an error).
+    return view if col == 1 else view.contiguous()
+
+
+def _causal_mask(n: int, Lq: int, G: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [G*Lq, n] mask: query row i (of each of the G heads) sees rows 0 .. n - Lq + i."""
+    last = n - Lq + torch.arange(Lq)
+    hidden = torch.arange(n)[None, :] > last[:, None]
+    mask = torch.zeros(Lq, n, dtype=dtype).masked_fill_(hidden, float("-inf"))
+    return mask.repeat(G, 1)
+
+
+def _attend(q_rows, keys, values, n: int, Lq: int, G: int, sm_scale: float):
+    """(o, lse) of q_rows [m, 1, G*Lq, D] over keys/values [m, 1, n, D] (n >= 1), bottom-right causal."""
+    if Lq == 1:
+        return _flash(q_rows, keys, values, scale=sm_scale)
+    o, lse = _flash(q_rows, keys, values, attn_mask=_causal_mask(n, Lq, G, q_rows.dtype), scale=sm_scale)
+    if n < Lq:
+        # The first Lq - n rows see nothing: the fused kernel returns o = 0 there, but lse = 0, not -inf.
+        blind = (torch.arange(Lq) < Lq - n).repeat(G)
+        lse = lse.masked_fill(blind, float("-inf"))
+    return o, lse
+
+
+def _equal_length_runs(starts: list[int], lens: list[int]):
+    """Yield (first segment, count, step) runs of consecutive segments with one length and even spacing."""
+    S, s = len(starts), 0
+    while s < S:
+        count, step = 1, 0
+        if s + 1 < S and lens[s + 1] == lens[s] and starts[s + 1] >= starts[s]:
+            step = starts[s + 1] - starts[s]
+            while s + count < S and lens[s + count] == lens[s] and starts[s + count] - starts[s + count - 1] == step:
+                count += 1
+        yield s, count, step
+        s += count
+
+
+def ragged_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    seg_start: torch.Tensor,
+    seg_len: torch.Tensor,
+    sm_scale: float,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bottom-right causal attention of q [B, Hq, Lq, D] over each KV head's segment of the pool."""
+    B, Hq, Lq, D = q.shape
+    Hkv = seg_start.shape[1]
+    S, G = B * Hkv, Hq // Hkv
+    rows = G * Lq
+    # Segment s = (b, h) owns query heads h*G .. h*G + G - 1: in a contiguous q these are G*Lq rows.
+    q_rows = q.reshape(S, 1, rows, D)
+    if q_rows.stride(-1) != 1:
+        q_rows = q_rows.contiguous()
+    starts = [s for per_batch in seg_start.tolist() for s in per_batch]
+    lens = [n for per_batch in seg_len.tolist() for n in per_batch]
+    o = lse = None  # allocated only when the segments need more than one call
+    for s, count, step in _equal_length_runs(starts, lens):
+        n = lens[s]
+        if n == 0:
+            o_run = q_rows.new_zeros(count, 1, rows, D)
+            lse_run = torch.full((count, 1, rows), float("-inf"))
+        else:
+            keys = _segment_views(k_pool, starts[s], step, count, n)
+            values = _segment_views(v_pool, starts[s], step, count, n)
+            o_run, lse_run = _attend(q_rows[s:s + count], keys, values, n, Lq, G, sm_scale)
+        if count == S:  # one run covers the whole call: its outputs are the op's outputs
+            o, lse = o_run, lse_run
+            break
+        if o is None:
+            o = torch.empty(S, 1, rows, D, dtype=q.dtype)
+            lse = torch.empty(S, 1, rows, dtype=torch.float32)
+        o[s:s + count] = o_run
+        lse[s:s + count] = lse_run
+    o = o.view(B, Hq, Lq, D)
+    return o, (lse.view(B, Hq, Lq) if return_lse else lse.new_empty(0))
