@@ -26,7 +26,7 @@ class Subcommand(NamedTuple):
 
 SUBCOMMANDS: dict[str, Subcommand] = {}
 # Modules that register subcommands when imported (the demo's is registered below, in this file).
-SUBCOMMAND_MODULES = ["kvkernels.eval.cli"]
+SUBCOMMAND_MODULES = ["kvkernels.eval.cli", "kvkernels.hf.tp"]
 
 
 def register_subcommand(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None],

@@ -31,6 +31,7 @@ from kvkernels import _nvtx
 from .attention import RAGGED_ATTENTION, attention_implementation
 from .cache import RaggedPoolCache
 from .scoring import (broadcast_head_scores, external_scores, kvzip_scores, resolve_keep, select_kept)
+from .tp import tensor_parallel_group
 
 CONTEXT_MARKER = "\u27e6KVKERNELS-CONTEXT\u27e7"
 
@@ -197,8 +198,8 @@ class DenseContext:
                  slack: int = 256, progress: bool = False) -> "CompressedContext":
         """Evict the context's KV pairs into one ragged pool; see :func:`compress` for the arguments."""
         keep = resolve_keep(keep, compression_ratio)
-        config = self.model.config
-        L, Hkv = config.num_hidden_layers, config.num_key_value_heads
+        keys, values = self.layer_kv()
+        L, Hkv = len(keys), keys[0].shape[1]  # this rank's KV heads under tensor parallelism
         B, N = self.input_ids.shape
         if scores is not None and head_scores is not None:
             raise ValueError("give scores (per token) or head_scores (per head), not both")
@@ -215,8 +216,8 @@ class DenseContext:
             with _nvtx.range("score"):
                 token_scores = self.kvzip_scores(chunk_size, overlap, progress)
         with _nvtx.range("select"):
-            mask, num_kept = select_kept(token_scores, keep, self.sink_len, budget)
-        keys, values = self.layer_kv()
+            mask, num_kept = select_kept(token_scores, keep, self.sink_len, budget,
+                                         group=tensor_parallel_group(self.model))
         with _nvtx.range("compact"):
             pool = kvkernels.compact_kv(keys, values, mask, num_kept=num_kept, slack=slack)
         return CompressedContext(self.model, self.tokenizer, self.prompt, RaggedPoolCache(pool, N), self.sink_len,
