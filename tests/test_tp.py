@@ -26,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from kvkernels.hf import prefill, select_kept  # noqa: E402
 from kvkernels.hf.model import smollm2_available  # noqa: E402
+from kvkernels.hf.tp import save_for_tensor_parallel  # noqa: E402
 
 TP = 3
 KEEP = 0.3
@@ -66,7 +67,7 @@ def _worker(rank, init_file, out_dir, model_dir, tokenizer, context, questions, 
 def run_tp(tmp, model, tokenizer, context, questions, chunk_size):
     """Save ``model``, run the TP=3 pipeline in 3 forked processes; the list of the ranks' outputs."""
     model_dir = str(tmp / "model")
-    model.save_pretrained(model_dir)
+    save_for_tensor_parallel(model, None, model_dir)
     # fork: the children inherit torch, transformers and the tokenizer instead of importing them again.
     mp.start_processes(_worker, args=(str(tmp / "init"), str(tmp), model_dir, tokenizer, context, questions,
                                       chunk_size), nprocs=TP, join=True, start_method="fork")

@@ -88,6 +88,22 @@ def load_smollm2_tp(dtype: Optional[torch.dtype] = None):
     return tensor_parallel_model(folder, SMOLLM2_GGUF, dtype), tokenizer
 
 
+def save_for_tensor_parallel(model, tokenizer, path: str) -> None:
+    """Save ``model`` (and ``tokenizer``) as a plain transformers folder that :func:`tensor_parallel_model` loads.
+
+    A GGUF-loaded model holds dequantised weights already, but transformers refuses ``save_pretrained``
+    while its GGUF quantizer is attached; loading the saved folder skips each rank's dequantisation.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    model.hf_quantizer = None
+    try:
+        model.save_pretrained(path)
+    finally:
+        model.hf_quantizer = quantizer
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
 def local_kv_heads(model) -> int:
     """KV heads this rank's attention computes (its k_proj rows / head_dim)."""
     attn = model.get_decoder().layers[0].self_attn
@@ -208,6 +224,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=1000, help="approximate length of the task contexts")
     parser.add_argument("--check", action="store_true",
                         help="rank 0 also runs the same on one process (unsharded model) and compares the tokens")
+    parser.add_argument("--model", default=None,
+                        help="a transformers folder to load instead of the SmolLM2 GGUF (e.g. written once by "
+                             "kvkernels.hf.tp.save_for_tensor_parallel, so the ranks skip dequantising)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
 
 
@@ -221,8 +240,13 @@ def main(args: argparse.Namespace) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     say = print if rank == 0 else (lambda *a, **k: None)
     t0 = time.perf_counter()
-    model, tokenizer = load_smollm2_tp()
-    say(f"loaded SmolLM2-135M-Instruct tensor parallel over {world} ranks "
+    if args.model:
+        from transformers import AutoTokenizer
+
+        model, tokenizer = tensor_parallel_model(args.model), AutoTokenizer.from_pretrained(args.model)
+    else:
+        model, tokenizer = load_smollm2_tp()
+    say(f"loaded {args.model or 'SmolLM2-135M-Instruct'} tensor parallel over {world} ranks "
         f"({local_kv_heads(model)} KV head(s) per rank) in {time.perf_counter() - t0:.0f} s", flush=True)
     samples = demo_samples(args.people, args.questions, args.tasks, args.tokens)
     t0 = time.perf_counter()
