@@ -33,14 +33,6 @@ KEEP = 0.3
 BUDGETS = ("global", "per_rank")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _worker(rank, init_file, out_dir, model_dir, tokenizer, context, questions, chunk_size):
     """One TP rank: load the sharded model, score, select, compress with each budget, answer."""
     torch.set_num_threads(1)  # forked: never start an OpenMP pool in the child

@@ -334,7 +334,8 @@ def compress(model, tokenizer, context: str, keep: Optional[float] = None, *,
             (chat template and system prompt before the context) is always kept on top.
         compression_ratio: fraction REMOVED (kvpress's naming; 0.7 == keep 0.3). Exclusive with ``keep``.
         budget: ``"global"`` (one threshold over all layers and KV heads, KVzip's default),
-            ``"per_head"`` (same count per (layer, head)) or ``"per_layer"`` (same count per layer).
+            ``"per_head"`` (same count per (layer, head)) or ``"per_layer"`` (same count per layer); under
+            tensor parallelism also ``"per_rank"`` (same count per rank; see :mod:`kvkernels.hf.tp`).
         scores: optional external per-(layer, head, token) scores [L, Hkv, n] or [L, B, Hkv, n] (larger =
             keep), e.g. from another scorer; skips the KVzip scoring pass.
         head_scores: optional static per-(layer, head) scores [L, Hkv] (head-level KVzip, see
