@@ -253,15 +253,16 @@ def main(args: argparse.Namespace) -> int:
     results = run_budgets(model, tokenizer, samples, args.keep, args.budgets)
     say(f"prefill, scoring, {len(args.keep) * len(args.budgets)} compressions and answers per context: "
         f"{time.perf_counter() - t0:.0f} s", flush=True)
-    reference = None
-    if args.check:
+    say(format_results(samples, results, world), flush=True)
+    if args.check:  # after the TP table: the single-process run is slow on a small CPU
         if rank == 0:
             from .model import load_smollm2
 
             single, tok = load_smollm2(device="cpu")
             reference = run_budgets(single, tok, samples, args.keep, ["global"])
+            say("\ncompared with one process (unsharded model, same questions):")
+            say(format_results(samples, results, world, reference), flush=True)
         dist.barrier()
-    say(format_results(samples, results, world, reference))
     if rank == 0:
         for i, (name, _, questions) in enumerate(samples):
             for j, q in enumerate(questions):
