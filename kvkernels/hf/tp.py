@@ -25,6 +25,7 @@ one per rank).
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import sys
 import time
@@ -53,7 +54,8 @@ def init_distributed() -> None:
     if "RANK" not in os.environ:
         raise RuntimeError("tensor parallelism needs one process per rank: launch with "
                            "`torchrun --nproc-per-node N ...` (RANK/WORLD_SIZE are not set)")
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    # A long timeout: `tp-demo --check` keeps ranks 1.. waiting while rank 0 runs the single-process check.
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=2))
 
 
 def tensor_parallel_model(path: str, gguf_file: Optional[str] = None, dtype: Optional[torch.dtype] = None):
