@@ -268,7 +268,8 @@ def main(args: argparse.Namespace) -> int:
     if rank == 0:
         for i, (name, _, questions) in enumerate(samples):
             for j, q in enumerate(questions):
-                cells = [f"{b}: {results[i, k, b]['texts'][j]!r}" for (ii, k, b) in results if ii == i]
+                cells = [f"{b if b == 'full' else f'{b} {k}'}: {results[i, k, b]['texts'][j]!r}"
+                         for (ii, k, b) in results if ii == i]
                 say(f"[{name}] {q.prompt} (expected {q.answers[0]!r})\n    " + "\n    ".join(cells))
     dist.destroy_process_group()
     return 0
