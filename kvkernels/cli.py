@@ -32,7 +32,7 @@ class Subcommand(NamedTuple):
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {}
-# Modules that register subcommands when imported (the demo's is registered below, in this file).
+# Modules that register subcommands when imported (the demo's and tp-demo's are registered below, in this file).
 SUBCOMMAND_MODULES = ["kvkernels.eval.cli"]
 
 
@@ -54,6 +54,37 @@ def _demo_run(args: argparse.Namespace) -> int:
 
 register_subcommand("demo", "KVzip compress-once/ask-many on SmolLM2-135M-Instruct (the main job)",
                     _demo_arguments, _demo_run)
+
+
+def _tp_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from . import _args as A
+
+    parser.add_argument("--keep", type=A.fraction(), nargs="+", default=[0.3],
+                        help="fractions of context KV pairs KEPT, each in [0, 1]")
+    parser.add_argument("--budgets", nargs="+", default=["global", "per_rank"],
+                        choices=("global", "per_rank", "per_layer", "per_head"), help="budgets to compare")
+    parser.add_argument("--people", type=A.int_at_least(1), default=16, help="people in the staff directory")
+    parser.add_argument("--questions", type=A.int_at_least(1), default=4, help="questions per context")
+    parser.add_argument("--tasks", nargs="*", default=[],
+                        help="also one context of each quality-harness task (e.g. needle, kv_retrieval, "
+                             "mixed_needle)")
+    parser.add_argument("--tokens", type=A.int_at_least(128), default=1000,
+                        help="approximate length of the task contexts")
+    parser.add_argument("--check", action="store_true",
+                        help="rank 0 also runs the same on one process (unsharded model) and compares the tokens")
+    parser.add_argument("--model", default=None,
+                        help="a transformers folder to load instead of the SmolLM2 GGUF (e.g. written once by "
+                             "kvkernels.hf.tp.save_for_tensor_parallel, so the ranks skip dequantising)")
+    parser.add_argument("--threads", type=A.int_at_least(1), default=1, help="torch threads per rank")
+
+
+def _tp_demo_run(args: argparse.Namespace) -> int:
+    from .hf import tp
+    return tp.main(args)
+
+
+register_subcommand("tp-demo", "KVzip under tensor parallelism (run with torchrun --nproc-per-node 3): "
+                    "global vs per-rank budget", _tp_demo_arguments, _tp_demo_run)
 
 
 def _load_subcommand_modules() -> None:

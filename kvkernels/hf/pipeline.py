@@ -34,6 +34,7 @@ from kvkernels import _nvtx, _progress
 from .attention import RAGGED_ATTENTION, attention_implementation
 from .cache import RaggedPoolCache
 from .scoring import (BUDGETS, broadcast_head_scores, external_scores, kvzip_scores, resolve_keep, select_kept)
+from .tp import tensor_parallel_group
 
 CONTEXT_MARKER = "\u27e6KVKERNELS-CONTEXT\u27e7"
 
@@ -292,8 +293,8 @@ class DenseContext:
         ``keep`` 1 keeps everything and ``keep`` 0 only the sink: neither runs the scoring pass.
         """
         keep = _check_compress_args(keep, compression_ratio, budget, chunk_size, overlap, slack, scores, head_scores)
-        config = self.model.config
-        L, Hkv = config.num_hidden_layers, config.num_key_value_heads
+        keys, values = self.layer_kv()
+        L, Hkv = len(keys), keys[0].shape[1]  # this rank's KV heads under tensor parallelism
         B, N = self.input_ids.shape
         if scores is not None:
             token_scores = external_scores(scores.to(self.input_ids.device), L, B, Hkv, N, self.sink_len)
@@ -310,8 +311,8 @@ class DenseContext:
             with _nvtx.range("score"):
                 token_scores = self.kvzip_scores(chunk_size, overlap, progress)
         with _nvtx.range("select"):
-            mask, num_kept = select_kept(token_scores, keep, self.sink_len, budget)
-        keys, values = self.layer_kv()
+            mask, num_kept = select_kept(token_scores, keep, self.sink_len, budget,
+                                         group=tensor_parallel_group(self.model))
         with _nvtx.range("compact"):
             pool = kvkernels.compact_kv(keys, values, mask, num_kept=num_kept, slack=slack)
         return CompressedContext(self.model, self.tokenizer, self.prompt, RaggedPoolCache(pool, N), self.sink_len,
@@ -479,7 +480,8 @@ def compress(model, tokenizer, context: str, keep: Optional[float] = None, *,
             (chat template and system prompt before the context) is always kept on top.
         compression_ratio: fraction REMOVED (kvpress's naming; 0.7 == keep 0.3). Exclusive with ``keep``.
         budget: ``"global"`` (one threshold over all layers and KV heads, KVzip's default),
-            ``"per_head"`` (same count per (layer, head)) or ``"per_layer"`` (same count per layer).
+            ``"per_head"`` (same count per (layer, head)) or ``"per_layer"`` (same count per layer); under
+            tensor parallelism also ``"per_rank"`` (same count per rank; see :mod:`kvkernels.hf.tp`).
         scores: optional external per-(layer, head, token) scores [L, Hkv, n] or [L, B, Hkv, n] (larger =
             keep), e.g. from another scorer; skips the KVzip scoring pass.
         head_scores: optional static per-(layer, head) scores [L, Hkv] (head-level KVzip, see

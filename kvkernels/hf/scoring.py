@@ -10,11 +10,15 @@ probability each chunk key receives) is that chunk's score. The appended tokens 
 Budget: ``keep`` is the fraction of *context* KV pairs kept (KVzip's ``ratio``); the sink (system prompt)
 is always kept on top, by giving it score +inf. ``budget="global"`` keeps the top pairs over all layers
 and KV heads together (KVzip's default), ``"per_head"`` the same number in every (layer, head),
-``"per_layer"`` the same number in every layer.
+``"per_layer"`` the same number in every layer. Under tensor parallelism (``group`` given to
+:func:`select_kept`), ``"global"`` and ``"per_layer"`` span the KV heads of every rank exactly
+(:mod:`kvkernels.distributed`) and ``"per_rank"`` keeps the same number on every rank (the global rule
+over this rank's heads alone); on one process ``"per_rank"`` is ``"global"``.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -24,7 +28,7 @@ from kvkernels import _progress
 
 from .attention import KVZIP_CAPTURE_ATTENTION, ScoreCapture, attention_implementation, capturing_scores
 
-BUDGETS = ("global", "per_head", "per_layer")
+BUDGETS = ("global", "per_head", "per_layer", "per_rank")
 FIRST_CHUNK_PROMPT = "Repeat the previous context exactly."
 LATER_CHUNK_PROMPT = "Repeat the part of the previous context exactly, starting with "
 
@@ -79,9 +83,9 @@ def kvzip_scores(model, prompt, input_ids: torch.Tensor, cache, sink_len: int, c
     ``cache`` is the transformers cache holding the N prefilled tokens; it is restored to N tokens after
     every chunk. ``prompt`` is a :class:`~kvkernels.hf.pipeline.PromptFormat`.
     """
-    config = model.config
     B, N = input_ids.shape
-    L, Hkv = config.num_hidden_layers, config.num_key_value_heads
+    # The cache's heads, not the config's: under tensor parallelism a rank holds only its KV heads.
+    L, Hkv = len(cache.layers), cache.layers[0].keys.shape[1]
     scores = torch.full((L, B, Hkv, N), float("inf"), dtype=torch.float32, device=input_ids.device)
     bounds = chunk_bounds(sink_len, N, chunk_size)
     capture = ScoreCapture(scores, sink_len)
@@ -127,26 +131,39 @@ def external_scores(scores: torch.Tensor, num_layers: int, batch: int, num_kv_he
     return full
 
 
-def select_kept(scores: torch.Tensor, keep: float, sink_len: int, budget: str = "global") -> tuple[torch.Tensor, int]:
+def select_kept(scores: torch.Tensor, keep: float, sink_len: int, budget: str = "global",
+                group=None) -> tuple[torch.Tensor, int]:
     """(bool keep mask [L, B, Hkv, N], number of kept pairs) for fp32 scores [L, B, Hkv, N].
 
     Sink columns must hold +inf (always kept). The count is exact and known without reading the mask
     (``topk_mask`` keeps exactly k per row), which keeps ``compact_kv``'s pool shape host-sync free.
+    ``group``: a ``torch.distributed`` process group whose ranks hold the other KV heads (tensor
+    parallelism; ``scores`` are this rank's heads); ``"global"``/``"per_layer"`` then select over all
+    ranks' heads (identical to one device holding them all, in rank order) and the count is this rank's.
     """
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+    if budget == "per_rank" or budget == "per_head":
+        budget, group = ("global" if budget == "per_rank" else budget), None  # this rank's heads alone
     L, B, H, N = scores.shape
     n_ctx = N - sink_len
+    topk = kvkernels.topk_mask
+    if group is not None:
+        from kvkernels.distributed import all_sum, distributed_topk_rows
+        topk = functools.partial(distributed_topk_rows, group=group)
+        H = all_sum(H, group, scores.device)  # the budget counts the KV heads of every rank
     if budget == "global":
         k = L * H * sink_len + round(keep * L * H * n_ctx)
-        rows = scores.permute(1, 0, 2, 3).reshape(B, L * H * N)
-        mask = kvkernels.topk_mask(rows, k).view(B, L, H, N).permute(1, 0, 2, 3).contiguous()
+        rows = scores.permute(1, 0, 2, 3).reshape(B, -1)
+        mask = topk(rows, k).view(B, L, -1, N).permute(1, 0, 2, 3).contiguous()
     elif budget == "per_layer":
         k = H * sink_len + round(keep * H * n_ctx)
-        rows = scores.reshape(L * B, H * N)
-        mask = kvkernels.topk_mask(rows, k).view(L, B, H, N)
+        rows = scores.reshape(L * B, -1)
+        mask = topk(rows, k).view(scores.shape)
     else:
         k = sink_len + round(keep * n_ctx)
         rows = scores.reshape(L * B * H, N)
-        mask = kvkernels.topk_mask(rows, k).view(L, B, H, N)
+        mask = topk(rows, k).view(L, B, H, N)
+    if group is not None:
+        return mask, int(mask.sum())  # this rank's share of the k per row (one host read)
     return mask, k * rows.shape[0]
