@@ -54,7 +54,7 @@ BAD_VALUES = [
     (["eval", "--tasks", "poetry"], "argument --tasks: invalid choice: 'poetry'"),
     (["eval", "--questions", "21"], "argument --questions: must be an int in [1, 20]"),
     (["eval", "--contexts", "0"], "argument --contexts: must be an int >= 1"),
-    (["eval", "--context-tokens", "10"], "argument --context-tokens: must be an int >= 128"),
+    (["eval", "--context-tokens", "10"], "argument --context-tokens: must be an int >= 64"),
     (["eval", "--name", "a/b"], "argument --name: must be a file name without a folder"),
     (["eval", "--out", "setup.py"], "argument --out: must be a folder, but 'setup.py' is a file"),
     (["eval", "--threads", "-1"], "argument --threads: must be an int >= 1"),

@@ -37,8 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="KEEP", help="keep ratios (fraction of context KV pairs KEPT, in [0, 1]); 1.0 is "
                                              "the full cache")
     parser.add_argument("--contexts", type=A.int_at_least(1), default=1, help="contexts per task")
-    parser.add_argument("--context-tokens", nargs="+", type=A.int_at_least(128), default=[512],
-                        help="approximate context length(s) in tokens, each at least 128 (several: one run per "
+    parser.add_argument("--context-tokens", nargs="+", type=A.int_at_least(64), default=[512],
+                        help="approximate context length(s) in tokens, each at least 64 (several: one run per "
                              "length)")
     parser.add_argument("--questions", type=A.int_at_least(1, MAX_QUESTIONS), default=3,
                         help=f"questions per context, 1..{MAX_QUESTIONS}")
