@@ -237,8 +237,9 @@ def _speed_sentence(summary: dict, full_label: str) -> str:
     for label, row in summary.items():
         if label == full_label or not row["s_per_token"] == row["s_per_token"]:
             continue
-        ratio = full / row["s_per_token"]
-        parts.append(f"{label} decodes {ratio:.2f}x " + ("faster" if ratio >= 1 else "slower") + " per token")
+        speedup = full / row["s_per_token"]
+        parts.append(f"{label} decodes {speedup:.2f}x faster per token" if speedup >= 1
+                     else f"{label} decodes {1 / speedup:.2f}x slower per token")
     if not parts:
         return "(decode speed: no compressed answer ran a decode step)"
     return ("(measured in this run, against the full cache: " + "; ".join(parts) + ". On CPU the model's weights "
