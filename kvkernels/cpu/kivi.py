@@ -18,7 +18,8 @@ import torch
 
 from kvkernels.reference.kivi import kivi_dequantize
 
-_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+from .ragged_attention import causal_flash
+
 _BLOCK_TOKENS = 4096  # tokens per block, rounded down to whole key groups (at least one)
 
 
@@ -59,14 +60,7 @@ def _block_attention(q_rows, keys, values, j0: int, T: int, Lq: int, G: int, sm_
     # Row-major blocks: dequantized keys come out channel-major, and the fused kernel assumes a channel
     # stride of 1 (measured: any other stride gives wrong output, not an error).
     keys, values = keys.reshape(S, 1, n, D).contiguous(), values.reshape(S, 1, n, D).contiguous()
-    last = T - Lq + torch.arange(Lq)  # the last token query row i sees
-    if j0 + n - 1 <= int(last[0]):  # every row sees the whole block
-        return _flash(q_rows, keys, values, scale=sm_scale)
-    hidden = (torch.arange(j0, j0 + n)[None, :] > last[:, None]).repeat(G, 1)  # [G*Lq, n]
-    mask = torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf"))
-    o, lse = _flash(q_rows, keys, values, attn_mask=mask, scale=sm_scale)
-    # A row that sees nothing of this block gets o = 0 but lse = 0 from the fused kernel: make it -inf.
-    return o, lse.masked_fill(hidden.all(dim=1), float("-inf"))
+    return causal_flash(q_rows, keys, values, j0, T, Lq, G, sm_scale)
 
 
 def _merge(o, lse, o_b, lse_b):

@@ -28,24 +28,22 @@ def _segment_views(pool: torch.Tensor, start: int, step: int, count: int, n: int
     return view if col == 1 else view.contiguous()
 
 
-def _causal_mask(n: int, Lq: int, G: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive [G*Lq, n] mask: query row i (of each of the G heads) sees rows 0 .. n - Lq + i."""
-    last = n - Lq + torch.arange(Lq)
-    hidden = torch.arange(n)[None, :] > last[:, None]
-    mask = torch.zeros(Lq, n, dtype=dtype).masked_fill_(hidden, float("-inf"))
-    return mask.repeat(G, 1)
+def causal_flash(q_rows, keys, values, first: int, total: int, Lq: int, G: int, sm_scale: float):
+    """(o, lse) of q_rows [m, 1, G*Lq, D] over keys/values [m, 1, n, D] (n >= 1, channel stride 1): the rows
+    ``first .. first + n`` of a sequence of ``total`` rows, bottom-right causal (query row i sees rows
+    0 .. total - Lq + i). A query row that sees none of these rows gets o = 0 and lse = -inf.
 
-
-def _attend(q_rows, keys, values, n: int, Lq: int, G: int, sm_scale: float):
-    """(o, lse) of q_rows [m, 1, G*Lq, D] over keys/values [m, 1, n, D] (n >= 1), bottom-right causal."""
-    if Lq == 1:
+    Shared by the cpu kernels that attend in blocks or segments (``ragged_attention``, ``kivi_attention``).
+    """
+    n = keys.shape[2]
+    if first + n <= total - Lq + 1:  # every query row sees every row (always so for decode, Lq = 1)
         return _flash(q_rows, keys, values, scale=sm_scale)
-    o, lse = _flash(q_rows, keys, values, attn_mask=_causal_mask(n, Lq, G, q_rows.dtype), scale=sm_scale)
-    if n < Lq:
-        # The first Lq - n rows see nothing: the fused kernel returns o = 0 there, but lse = 0, not -inf.
-        blind = (torch.arange(Lq) < Lq - n).repeat(G)
-        lse = lse.masked_fill(blind, float("-inf"))
-    return o, lse
+    last = total - Lq + torch.arange(Lq)  # the last row query row i sees
+    hidden = (torch.arange(first, first + n)[None, :] > last[:, None]).repeat(G, 1)  # [G*Lq, n]
+    mask = torch.zeros(hidden.shape, dtype=q_rows.dtype).masked_fill_(hidden, float("-inf"))
+    o, lse = _flash(q_rows, keys, values, attn_mask=mask, scale=sm_scale)
+    # The fused kernel gives a row that sees nothing o = 0 but lse = 0: make it -inf.
+    return o, lse.masked_fill(hidden.all(dim=1), float("-inf"))
 
 
 def _equal_length_runs(starts: list[int], lens: list[int]):
@@ -90,7 +88,7 @@ def ragged_attention(
         else:
             keys = _segment_views(k_pool, starts[s], step, count, n)
             values = _segment_views(v_pool, starts[s], step, count, n)
-            o_run, lse_run = _attend(q_rows[s:s + count], keys, values, n, Lq, G, sm_scale)
+            o_run, lse_run = causal_flash(q_rows[s:s + count], keys, values, 0, n, Lq, G, sm_scale)
         if count == S:  # one run covers the whole call: its outputs are the op's outputs
             o, lse = o_run, lse_run
             break
