@@ -310,28 +310,40 @@ def test_kivi_sim_cache_flush_rules_and_order(order):
 # Smoke runs of the command, the calibration and the KIVI diagnosis on the shared model (tiny settings)
 
 
-def test_eval_command_writes_results_with_intervals(smollm2, tmp_path, monkeypatch):
+def test_eval_command_writes_results_with_intervals_in_shards_and_resumes(smollm2, tmp_path, monkeypatch):
     import argparse
     import csv
     import json
 
     import kvkernels.hf
     from kvkernels.eval import cli
-    monkeypatch.setattr(kvkernels.hf, "load_smollm2", lambda device=None: smollm2)
+    loads = []
+    monkeypatch.setattr(kvkernels.hf, "load_smollm2", lambda device=None: loads.append(1) or smollm2)
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
-    args = parser.parse_args(["--tasks", "mixed_needle", "--methods", "full", "kvzip", "streaming",
-                              "--ratios", "0.5", "--contexts", "1", "--context-tokens", "80", "--questions", "2",
-                              "--out", str(tmp_path), "--name", "smoke"])
-    assert cli.main(args) == 0
+    base = ["--tasks", "mixed_needle", "--methods", "full", "kvzip", "streaming", "--ratios", "0.5",
+            "--contexts", "2", "--context-tokens", "80", "--questions", "2", "--out", str(tmp_path), "--name", "smoke"]
+
+    # Shard 0 of 2 alone: context 0 only, and the summary says the run is incomplete.
+    assert cli.main(parser.parse_args(base + ["--shard", "0/2"])) == 0
+    data = json.load(open(tmp_path / "smoke.json"))
+    assert not data["complete"] and {r["context"] for r in data["answers"]} == {0}
+    # Shard 1 completes it; the summary merges both files.
+    assert cli.main(parser.parse_args(base + ["--shard", "1/2"])) == 0
     rows = list(csv.DictReader(open(tmp_path / "smoke.csv")))
     point = [r for r in rows if r["method"] == "streaming" and r["keep"] == "0.5" and r["task"] == "all"][0]
-    assert point["questions"] == "2" and point["length"] == "80"
+    assert point["questions"] == "4" and point["length"] == "80"
     assert float(point["wilson_low"]) <= float(point["accuracy"]) <= float(point["wilson_high"])
     assert point["kvzip_vs_method_p"] != ""
     data = json.load(open(tmp_path / "smoke.json"))
-    assert len(data["answers"]) == 3 * 2 and data["elapsed_seconds"] > 0
-    assert (tmp_path / "smoke.png").stat().st_size > 0
+    assert data["complete"] and len(data["answers"]) == 2 * 3 * 2 and data["compute_seconds"] > 0
+    assert data["commands"] and (tmp_path / "smoke.png").stat().st_size > 0
+    # A rerun of a finished shard evaluates nothing (the model is not even loaded) ...
+    assert len(loads) == 2
+    assert cli.main(parser.parse_args(base + ["--shard", "1/2"])) == 0 and len(loads) == 2
+    # ... and other settings into the same files are refused, naming the file.
+    other = parser.parse_args([a if a != "0.5" else "0.4" for a in base] + ["--shard", "1/2"])
+    assert cli.main(other) == 2
 
 
 def test_calibration_and_kivi_diagnosis_run(smollm2):

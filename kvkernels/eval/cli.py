@@ -52,12 +52,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu, cuda or cuda:N (default: cuda when present, else cpu)")
     parser.add_argument("--threads", type=A.int_at_least(1), default=None,
                         help="torch CPU threads (default: torch's)")
+    parser.add_argument("--shard", type=A.cli_type(str, _shard, "shard"), default=(0, 1), metavar="I/N",
+                        help="evaluate only the contexts whose index is I modulo N (0 <= I < N), so that N "
+                             "processes can share one run; run them with the same --out and --name: each "
+                             "appends its contexts to OUT/NAME.shard-I-of-N.jsonl and writes the summary of "
+                             "all shards' rows present when it ends")
+    parser.add_argument("--merge-only", action="store_true",
+                        help="evaluate nothing: write the summary (CSV/JSON/PNG) from the rows already saved "
+                             "in OUT/NAME.shard-*.jsonl")
 
 
 def _out_folder(path: Path) -> Path:
     if path.exists() and not path.is_dir():
         raise ValueError(f"out must be a folder, but {str(path)!r} is a file")
     return path
+
+
+def _shard(text: str) -> tuple:
+    parts = text.split("/")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"shard must be I/N with integers 0 <= I < N, got {text!r}")
+    index, count = int(parts[0]), int(parts[1])
+    if not 0 <= index < count:
+        raise ValueError(f"shard must be I/N with integers 0 <= I < N, got {text!r}")
+    return index, count
 
 
 def _file_stem(name: str) -> str:
@@ -67,36 +85,69 @@ def _file_stem(name: str) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    from . import report, runlog
+
+    command = "kvkernels " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("kvkernels") \
+        else " ".join(shlex.quote(a) for a in sys.argv)
+    t0 = time.perf_counter()
+    identity = runlog.run_identity(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_path = runlog.shard_path(args.out, args.name, args.shard)
+    try:
+        if not args.merge_only:
+            _evaluate_shard(args, identity, log_path, command)
+        shards = runlog.read_shards(args.out, args.name, identity)
+    except runlog.OtherRunError as exc:
+        print(f"kvkernels eval: error: {exc}", file=sys.stderr)
+        return 2
+    if not shards.rows:
+        print(f"no saved rows in {args.out}/{args.name}.shard-*.jsonl for these settings", file=sys.stderr)
+        return 1
+    from .harness import count_questions, summarize
+    expected = count_questions(args.tasks, args.methods, args.ratios, args.contexts, args.questions,
+                               len(args.context_tokens))
+    summary = summarize(shards.rows)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                if k not in ("command", "shard", "merge_only")}
+    stem = args.out / args.name
+    report.write_csv(stem.with_suffix(".csv"), summary)
+    report.write_json(stem.with_suffix(".json"), shards.commands or [command], settings, summary, shards.rows,
+                      shards.compute_seconds, complete=len(shards.rows) == expected)
+    report.plot(stem.with_suffix(".png"), summary, title=(shards.commands or [command])[0])
+    print(format_table([s for s in summary if s["task"] == "all"]))
+    status = "" if len(shards.rows) == expected else \
+        f" INCOMPLETE: {len(shards.rows)} of {expected} answers (rerun the missing shards with the same command)"
+    print(f"wrote {stem}.csv/.json/.png from {len(shards.rows)} answers;{status} this process took "
+          f"{time.perf_counter() - t0:.0f}s, the saved contexts {shards.compute_seconds:.0f}s of compute "
+          f"({shards.compute_seconds / 60:.1f} min)")
+    return 0
+
+
+def _evaluate_shard(args, identity, log_path, command) -> None:
+    """Evaluate this shard's contexts that ``log_path`` does not hold yet, appending each as it finishes."""
     import torch
     from tqdm.auto import tqdm
 
     from kvkernels.hf import load_smollm2
 
-    from . import report
-    from .harness import count_questions, evaluate, summarize
+    from . import runlog
+    from .harness import count_questions, evaluate
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = "kvkernels " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("kvkernels") \
-        else " ".join(shlex.quote(a) for a in sys.argv)
-    t0 = time.perf_counter()
-    model, tokenizer = load_smollm2(device=args.device)
+    writer = runlog.ShardWriter(log_path, identity, command)
     total = count_questions(args.tasks, args.methods, args.ratios, args.contexts, args.questions,
                             len(args.context_tokens))
-    with tqdm(total=total, desc="eval", unit="q") as bar:
-        rows = evaluate(model, tokenizer, args.tasks, args.methods, args.ratios, args.contexts, args.context_tokens,
-                        args.questions, args.seed, progress=bar.update, log=bar.write)
-    summary = summarize(rows)
-    elapsed = time.perf_counter() - t0
-    args.out.mkdir(parents=True, exist_ok=True)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "command"}
-    stem = args.out / args.name
-    report.write_csv(stem.with_suffix(".csv"), summary)
-    report.write_json(stem.with_suffix(".json"), command, settings, summary, rows, elapsed)
-    report.plot(stem.with_suffix(".png"), summary, title=command)
-    print(format_table([s for s in summary if s["task"] == "all"]))
-    print(f"wrote {stem}.csv/.json/.png; the run took {elapsed:.0f}s ({elapsed / 60:.1f} min)")
-    return 0
+    index, n_shards = args.shard
+    mine = sum(1 for i in range(args.contexts) if i % n_shards == index) / args.contexts
+    todo = round(total * mine) - writer.saved_rows
+    if todo == 0:
+        return  # everything of this shard is saved: nothing to load the model for
+    model, tokenizer = load_smollm2(device=args.device)
+    with tqdm(total=todo, desc="eval", unit="q") as bar:
+        evaluate(model, tokenizer, args.tasks, args.methods, args.ratios, args.contexts, args.context_tokens,
+                 args.questions, args.seed, progress=bar.update, log=bar.write, shard=args.shard,
+                 done=writer.has, on_sample=writer.append)
 
 
 def format_table(summary) -> str:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -190,27 +190,43 @@ def calibration_head_scores(model, tokenizer, target_tokens: int, seed: int) -> 
 
 def evaluate(model, tokenizer, tasks: Sequence[str], methods: Sequence[str], ratios: Sequence[float],
              n_contexts: int, context_tokens, n_questions: int, seed: int = 0,
-             progress: Optional[Callable] = None, log: Callable[[str], None] = lambda s: None) -> List[Dict]:
+             progress: Optional[Callable] = None, log: Callable[[str], None] = lambda s: None,
+             shard: Tuple[int, int] = (0, 1), done: Optional[Callable[[int, str, int], bool]] = None,
+             on_sample: Optional[Callable[[List[Dict]], None]] = None) -> List[Dict]:
     """Run every setting on every sample; returns one row per (sample, setting, question).
 
     ``context_tokens`` is one target length or a list of them (each row records its target as ``length``).
     ``progress`` is called with the number of answered questions after each answer (a tqdm update).
+    ``shard = (i, n)`` evaluates only the contexts whose index is i modulo n (the other shards of the same
+    run evaluate the rest; the union of the shards' rows is the whole run's). ``done(length, task, index)``
+    says which contexts already have rows (a resumed run skips them; their questions are not counted by
+    ``progress``). ``on_sample(rows, seconds)`` receives each context's rows and wall time as soon as they exist (to save them).
     """
     lengths = [context_tokens] if isinstance(context_tokens, int) else list(context_tokens)
     settings = settings_for(methods, ratios)
     count = lambda s: len(tokenizer(s, add_special_tokens=False).input_ids)  # noqa: E731
     names = {s.method for s in settings}
+    index, n_shards = shard
+    wanted = lambda i: i % n_shards == index  # noqa: E731
     rows: List[Dict] = []
     for length in lengths:
+        todo = {task: [s for s in make_samples(task, n_contexts, length, n_questions, seed, count, wanted)
+                       if done is None or not done(length, task, s.index)] for task in tasks}
+        if not any(todo.values()):
+            continue
         head_scores = None
         if "kvzip-head" in names:
             log(f"head-level KVzip: scoring the calibration context ({length} tokens)")
             head_scores = calibration_head_scores(model, tokenizer, length, seed)
         for task in tasks:
-            for sample in make_samples(task, n_contexts, length, n_questions, seed, count):
-                for row in _evaluate_sample(model, tokenizer, sample, settings, head_scores, progress, log):
+            for sample in todo[task]:
+                t0 = time.perf_counter()
+                sample_rows = _evaluate_sample(model, tokenizer, sample, settings, head_scores, progress, log)
+                for row in sample_rows:
                     row["length"] = length
-                    rows.append(row)
+                if on_sample is not None:
+                    on_sample(sample_rows, time.perf_counter() - t0)
+                rows.extend(sample_rows)
     return rows
 
 

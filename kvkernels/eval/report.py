@@ -32,10 +32,12 @@ def write_csv(path: Path, summary: List[Dict]) -> None:
             writer.writerow({k: row.get(k, "") for k in SUMMARY_FIELDS})
 
 
-def write_json(path: Path, command: str, settings: Dict, summary: List[Dict], rows: List[Dict],
-               elapsed_s: float) -> None:
-    data = {"command": command, "versions": versions(), "settings": settings, "elapsed_seconds": round(elapsed_s, 1),
-            "summary": summary, "answers": rows}
+def write_json(path: Path, commands: List[str], settings: Dict, summary: List[Dict], rows: List[Dict],
+               compute_s: float, complete: bool = True) -> None:
+    """``commands``: every command line that contributed rows (one per shard process); ``compute_s``: the
+    summed wall time of the saved contexts (over all shards, model loading excluded)."""
+    data = {"commands": commands, "versions": versions(), "settings": settings, "complete": complete,
+            "compute_seconds": round(compute_s, 1), "summary": summary, "answers": rows}
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 

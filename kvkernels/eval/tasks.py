@@ -293,13 +293,20 @@ TASKS: Dict[str, Callable[..., Sample]] = {
 
 
 def make_samples(task: str, n_contexts: int, target_tokens: int, n_questions: int, seed: int = 0,
-                 count_tokens: Optional[CountTokens] = None) -> List[Sample]:
-    """``n_contexts`` samples of one task; sample i depends only on (task, seed, i, length, questions)."""
+                 count_tokens: Optional[CountTokens] = None,
+                 keep_index: Optional[Callable[[int], bool]] = None) -> List[Sample]:
+    """``n_contexts`` samples of one task; sample i depends only on (task, seed, i, length, questions).
+
+    ``keep_index`` (optional) selects which of the indices 0..n_contexts-1 to generate (a shard of a run):
+    the others are skipped, not generated, and the kept ones are the same as in the whole run.
+    """
     if task not in TASKS:
         raise KeyError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
     count = count_tokens or approx_tokens
     samples = []
     for i in range(n_contexts):
+        if keep_index is not None and not keep_index(i):
+            continue
         # A string seed is hashed deterministically by random.Random (unlike hash(), which is salted).
         rng = random.Random(f"{task}/{seed}/{i}")
         sample = TASKS[task](rng, target_tokens, n_questions=n_questions, count_tokens=count)
