@@ -11,9 +11,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import ops as _ops  # noqa: F401  (registers torch.ops.kvkernels.*)
-
-_k = torch.ops.kvkernels
+from . import ops as _k  # the ops (torch.ops.kvkernels.*), called without the dispatcher in plain eager mode
 
 
 def kvzip_score(q, k, k_self, sink_len: int, chunk_start: int, chunk_end: int, sm_scale: Optional[float] = None):

@@ -224,11 +224,43 @@ def test_default_sm_scale_is_inverse_sqrt_d():
     torch.testing.assert_close(default, explicit)
 
 
-def test_wrong_python_types_are_rejected_by_the_schema():
+@pytest.mark.parametrize("call", ["api", "torch.ops"])
+def test_wrong_python_types_are_rejected_by_the_schema(call):
     # torch checks scalar argument types against the op schema before our validation runs; its
-    # message names the argument and the expected type.
+    # message names the argument and the expected type. The Python API's direct eager path (no
+    # dispatcher) checks the schema's types too and hands a mismatch to the dispatcher, for this error.
+    topk = kvkernels.topk_mask if call == "api" else torch.ops.kvkernels.topk_mask
     with pytest.raises(RuntimeError, match="Expected a value of type 'int' for argument 'k'"):
-        kvkernels.topk_mask(rand(2, 5), 2.0)
+        topk(rand(2, 5), 2.0)
+    with pytest.raises(RuntimeError, match="Expected a value of type 'bool' for argument 'return_lse'"):
+        pool = kvkernels.compact_kv(*small_pool())
+        attention = kvkernels.ragged_attention if call == "api" else torch.ops.kvkernels.ragged_attention
+        attention(rand(1, 6, 1, 64), pool.k_pool, pool.v_pool, pool.seg_start[0], pool.seg_len[0], None, "yes")
+
+
+def test_api_calls_skip_the_dispatcher_only_in_plain_eager_mode(monkeypatch):
+    """kvkernels.<op> calls the op's function directly in plain eager mode; under a dispatch mode, with a
+    tensor that requires grad, or with arguments the schema rejects it goes through torch.ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kvkernels import ops
+    seen = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = rand(2, 5)
+    assert ops.topk_mask._dispatcher_adds_nothing((x, 2), {})
+    with Spy():
+        kvkernels.topk_mask(x, 2)
+    assert "kvkernels.topk_mask.default" in seen
+    assert not ops.topk_mask._dispatcher_adds_nothing((x.requires_grad_(), 2), {})
+    assert not ops.topk_mask._dispatcher_adds_nothing((x.detach(), 2.0), {})
+    assert not ops.ragged_attention._dispatcher_adds_nothing((x,) * 5, {"nonexistent": 1})
+    with torch.no_grad():
+        assert ops.topk_mask._dispatcher_adds_nothing((x, 2), {})
 
 
 def _strided_q(B, Hq, Lq, D):

@@ -224,13 +224,14 @@ def test_cpu_matches_reference(monkeypatch, dtype, G, D, Lq, case, return_lse):
 
 
 def test_cpu_batches_evenly_spaced_segments_without_copies(monkeypatch):
-    """A pool of equal segments at even spacing (an un-evicted cache) is one fused call over a view."""
+    """A pool of equal segments at even spacing (an un-evicted cache) is one fused call over a view
+    (question prefill, Lq > 1; fp32 decode takes the per-segment matmul path, tested below)."""
     from kvkernels.cpu import ragged_attention as cpu_mod
 
     calls = []
     real = cpu_mod._flash
     monkeypatch.setattr(cpu_mod, "_flash", lambda q, k, v, **kw: calls.append(k.shape) or real(q, k, v, **kw))
-    args = make_inputs([[40, 40, 40], [40, 40, 40]], 3, 1, 64, torch.float32, device="cpu")
+    args = make_inputs([[40, 40, 40], [40, 40, 40]], 3, 2, 64, torch.float32, device="cpu")
     seg_start = torch.arange(6, dtype=torch.int64).view(2, 3) * 43 + 5  # even spacing, slack 3
     k_pool, v_pool = args[1], args[2]
     k_pool[:5 + 6 * 43] = torch.randn(5 + 6 * 43, 64)
@@ -238,6 +239,21 @@ def test_cpu_batches_evenly_spaced_segments_without_copies(monkeypatch):
     assert calls == [torch.Size([6, 1, 40, 64])]
     want = reference(args[0], k_pool, v_pool, seg_start, args[4], 0.125, True)
     torch.testing.assert_close(got[0], want[0], **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_cpu_fp32_decode_uses_matmuls_and_matches_reference(monkeypatch, return_lse):
+    """fp32 Lq = 1 never calls the fused kernel; empty segments give o = 0, lse = -inf; GQA 3, ragged lengths."""
+    from kvkernels.cpu import ragged_attention as cpu_mod
+
+    monkeypatch.setattr(cpu_mod, "_flash", lambda *a, **kw: pytest.fail("fp32 decode called the fused kernel"))
+    args = make_inputs([[37, 0, 129], [1, 64, 5]], 3, 1, 64, torch.float32, device="cpu")
+    got = run_backend("cpu", *args, 0.125, return_lse)
+    want = reference(*args, 0.125, return_lse)
+    torch.testing.assert_close(got[0], want[0], **TOL[torch.float32])
+    if return_lse:
+        torch.testing.assert_close(got[1], want[1], **TOL[torch.float32])
+        assert torch.isneginf(got[1][0, 3:6]).all() and (got[0][0, 3:6] == 0).all()
 
 
 def test_opcheck_on_cpu_backend():

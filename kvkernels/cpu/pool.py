@@ -21,7 +21,7 @@ from kvkernels._validate import check_capacity
 
 def _layer_rows(table: torch.Tensor, layer: int) -> list[int]:
     """Layer ``layer`` of an [L, B, H] segment table as a flat Python list (one host read, no tensor ops)."""
-    return [x for per_batch in table.tolist()[layer] for x in per_batch]
+    return [x for per_batch in table[layer].tolist() for x in per_batch]
 
 
 def _destination_rows(starts: list[int], lens: list[int], t: int) -> torch.Tensor:

@@ -7,6 +7,11 @@ and it returns the log-sum-exp). Segments that share a length and sit at evenly 
 segment of a per-head or per-layer budget, or an un-evicted cache, as ``compact_kv`` lays them out)
 are batched into one call over a strided view of the pool; the others get one call each.
 
+Decode in fp32 (Lq = 1, the hot path) skips the fused kernel: per segment, one matmul of the group's G
+query rows with the segment's keys, a softmax over its n rows and one matmul with its values (PyTorch's
+flash kernel is built for blocks of query rows; with G = 3 rows its per-call and per-block setup costs
+several times the arithmetic). fp16/bf16 keep the fused kernel, which accumulates in fp32.
+
 The G query heads of a KV head and their Lq rows are the G*Lq rows of one query "head", so one call
 serves the whole GQA group. Lq > 1 (question prefill) is bottom-right causal per segment through an
 additive mask. Reading ``seg_len`` and ``seg_start`` on the host costs nothing here (CPU tensors);
@@ -59,6 +64,29 @@ def _equal_length_runs(starts: list[int], lens: list[int]):
         s += count
 
 
+def _decode_fp32(q_rows, k_pool, v_pool, starts, lens, sm_scale: float, return_lse: bool):
+    """(o [S, G, D], lse [S, G]) of fp32 q_rows [S, G, D] (one query row per head) over each segment."""
+    S, G, D = q_rows.shape
+    q_scaled = q_rows * sm_scale
+    o = torch.empty(S, G, D)
+    lse = torch.empty(S, G) if return_lse else None
+    for s in range(S):
+        start, n = starts[s], lens[s]
+        if n == 0:
+            o[s] = 0.0
+            if return_lse:
+                lse[s] = float("-inf")
+            continue
+        logits = torch.mm(q_scaled[s], k_pool[start:start + n].t())  # [G, n]
+        if return_lse:
+            lse[s] = row_lse = torch.logsumexp(logits, 1)
+            probs = logits.sub_(row_lse[:, None]).exp_()
+        else:
+            probs = torch.softmax(logits, 1)
+        torch.mm(probs, v_pool[start:start + n], out=o[s])
+    return o, lse
+
+
 def ragged_attention(
     q: torch.Tensor,
     k_pool: torch.Tensor,
@@ -79,6 +107,9 @@ def ragged_attention(
         q_rows = q_rows.contiguous()
     starts = [s for per_batch in seg_start.tolist() for s in per_batch]
     lens = [n for per_batch in seg_len.tolist() for n in per_batch]
+    if Lq == 1 and q.dtype == torch.float32:
+        o, lse = _decode_fp32(q_rows.view(S, G, D), k_pool, v_pool, starts, lens, sm_scale, return_lse)
+        return o.view(B, Hq, 1, D), (lse.view(B, Hq, 1) if return_lse else o.new_empty(0))
     o = lse = None  # allocated only when the segments need more than one call
     for s, count, step in _equal_length_runs(starts, lens):
         n = lens[s]
