@@ -538,3 +538,23 @@ def test_overlapping_segments_never_write_past_the_workspace(monkeypatch):
         assert (tail == sentinel).all(), "a work item wrote past the end of the partials workspace"
     o_ref, _ = reference(q, k_pool, v_pool, seg_start, seg_len, 0.125, True)
     torch.testing.assert_close(o[:, :G], o_ref[:, :G], **TOL[torch.float32])  # head 0's items fit the bound
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("G, D", [(3, 64), (4, 128)])
+def test_context_then_causal_self_matches_masked_sdpa(dtype, G, D):
+    """KVzip's reconstruction attention on CPU: every context row visible, self rows causal; equal to SDPA
+    with the dense mask (odd sizes; the query is strided as transformers passes it)."""
+    from kvkernels.cpu.ragged_attention import context_then_causal_self
+
+    gen = torch.Generator().manual_seed(3)
+    B, Hkv, N, Lq = 1, 3, 37, 21
+    q = torch.randn(B, Lq, Hkv * G, D, generator=gen).to(dtype).transpose(1, 2)
+    k, v = (torch.randn(B, Hkv, N + Lq, D, generator=gen).to(dtype) for _ in range(2))
+    mask = torch.ones(Lq, N + Lq, dtype=torch.bool)
+    mask[:, N:] = torch.ones(Lq, Lq, dtype=torch.bool).tril()
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                            enable_gqa=True, scale=0.1)
+    got = context_then_causal_self(q, k, v, N, 0.1)
+    assert got.dtype == dtype and got.shape == q.shape
+    torch.testing.assert_close(got.float(), want, **TOL[dtype])

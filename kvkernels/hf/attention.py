@@ -104,13 +104,31 @@ class ScoreCapture:
 
 def kvzip_capture_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                                     value: torch.Tensor, attention_mask: Optional[torch.Tensor], **kwargs):
-    """SDPA attention (exact hidden states) plus KVzip scoring of the active chunk for this layer."""
+    """The layer's attention (exact hidden states) plus KVzip scoring of the active chunk for this layer.
+
+    The reconstruction input sees every prefilled token and itself causally (batch 1, no padding: how
+    :mod:`kvkernels.hf.scoring` runs it). On CPU, for a plain attention (no dropout, soft-capping or
+    sliding window), that is computed as two fused calls merged by log-sum-exp
+    (:func:`kvkernels.cpu.ragged_attention.context_then_causal_self`), about twice as fast as SDPA with
+    the dense mask; elsewhere SDPA with transformers' mask.
+    """
     capture: Optional[ScoreCapture] = getattr(_local, "capture", None)
     if capture is None:
         raise RuntimeError(f"attention implementation {KVZIP_CAPTURE_ATTENTION!r} runs only inside "
                            "kvkernels.hf.scoring (no active ScoreCapture)")
     capture.consume(module.layer_idx, query, key)
+    if _plain_cpu_attention(module, query, kwargs):
+        from kvkernels.cpu.ragged_attention import context_then_causal_self
+        scaling = kwargs.get("scaling")
+        o = context_then_causal_self(query, key, value, capture.context_len,
+                                     query.shape[-1] ** -0.5 if scaling is None else scaling)
+        return o.transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _plain_cpu_attention(module: torch.nn.Module, query: torch.Tensor, kwargs) -> bool:
+    return (query.device.type == "cpu" and not kwargs.get("dropout") and kwargs.get("softcap") is None
+            and kwargs.get("sliding_window") is None and getattr(module, "is_causal", True))
 
 
 @contextlib.contextmanager
