@@ -96,26 +96,27 @@ def _equal_length_runs(starts: list[int], lens: list[int]):
 
 
 def _decode_fp32(q_rows, k_pool, v_pool, starts, lens, sm_scale: float, return_lse: bool):
-    """(o [S, G, D], lse [S, G]) of fp32 q_rows [S, G, D] (one query row per head) over each segment."""
+    """(o [S, G, D], lse [S, G] or None) of fp32 q_rows [S, G, D] (one query row per head) over each segment."""
     S, G, D = q_rows.shape
     q_scaled = q_rows * sm_scale
-    o = torch.empty(S, G, D)
-    lse = torch.empty(S, G) if return_lse else None
+    outs, lses = [], []
     for s in range(S):
         start, n = starts[s], lens[s]
         if n == 0:
-            o[s] = 0.0
-            if return_lse:
-                lse[s] = float("-inf")
+            outs.append(q_rows.new_zeros(G, D))
+            lses.append(q_rows.new_full((G,), float("-inf")))
             continue
         logits = torch.mm(q_scaled[s], k_pool[start:start + n].t())  # [G, n]
         if return_lse:
-            lse[s] = row_lse = torch.logsumexp(logits, 1)
+            row_lse = torch.logsumexp(logits, 1)
+            lses.append(row_lse)
             probs = logits.sub_(row_lse[:, None]).exp_()
         else:
             probs = torch.softmax(logits, 1)
-        torch.mm(probs, v_pool[start:start + n], out=o[s])
-    return o, lse
+        outs.append(torch.mm(probs, v_pool[start:start + n]))
+    if S == 1:
+        return outs[0][None], (lses[0][None] if return_lse else None)
+    return torch.stack(outs), (torch.stack(lses) if return_lse else None)
 
 
 def ragged_attention(
