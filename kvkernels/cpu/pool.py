@@ -74,4 +74,4 @@ def ragged_append(
     rows = None if step is not None else _destination_rows(starts, lens, t)
     _write(k_pool, k_new, starts, lens, step, rows)
     _write(v_pool, v_new, starts, lens, step, rows)
-    seg_len[layer] += t
+    seg_len[layer].add_(t)  # in place on the row view (``+=`` would also write the row back)
