@@ -252,7 +252,7 @@ def test_flush_order_on_the_append_that_completes_a_group(backend):
         assert pool.q_len.item() == 32 and pool.seg_len.item() == 33
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_overflow_writes_nothing_and_raises(backend):
     keys, values, keep = make_kv(CASES["mixed"], 64, torch.float16)
     pool = build(backend, keys, values, keep, slack=4)

@@ -1,49 +1,67 @@
-"""CPU kernel of ``quant_pool_attention``: one layer, all segments at once, blockwise over segments.
+"""CPU kernels of ``quant_pool_attention`` and ``quant_pool_append``: segment by segment, from the host.
 
-The reference dequantizes the *whole* pool (every layer) and copies each segment into a padded fp pool
-before calling ``ragged_attention``. Here one call gathers only this layer's live words (as int32, 1/F
-of a row's bytes for keys), unpacks and scales them in a few batched tensor ops, and attends with two
-batched matmuls over [segments, query rows, rows]: the quantized rows and the tail rows are separate
-blocks of one softmax, so neither is copied next to the other. ``quant_pool_append`` and
-``quant_pool_build`` fall through to the reference, which already writes all segments of a layer at once
-and loops only over the segments that flush (one in group_size steps).
+The tensors are CPU tensors, so the small per-layer tables (``q_start``, ``q_len``, ``t_head``,
+``seg_len``, capacities) are read on the host once per call and all bookkeeping is Python arithmetic over
+a few ints per segment; only the rows themselves go through tensor ops.
+
+Attention. Each segment's quantized rows are a contiguous slice of the codes (segment starts are
+multiples of the group size), so they are unpacked from a view (no index gathers) and dequantized by one
+``addcmul`` per K and V straight into a per-call workspace of the segment's length, in the storage dtype
+(as ``kivi_dequantize`` rounds); its tail rows are copied after them from the ring (one slice, two when
+the ring wraps). PyTorch's fused CPU flash kernel then attends that [quantized; tail] segment, with the
+same bottom-right causal rule as ``ragged_attention`` (``causal_flash``). Work is proportional to each
+segment's own rows: nothing is padded to the longest segment, and the workspace lives only for the call
+(no full-precision shadow of the cache).
+
+Append. The plan (rows each segment flushes), the overflow check and the ring slots of the new rows are
+computed on the host; the new rows are written with one ``index_copy_`` per K and V; the segments that
+flush (one in group_size steps) quantize their oldest ring rows with the reference's writer.
+``quant_pool_build`` falls through to the reference (once per compression).
 """
 
 from __future__ import annotations
 
 import torch
 
+from kvkernels.reference.kivi import kivi_quantize
+from kvkernels.reference.quant_pool import check_quant_capacity, write_quantized
+
+from .ragged_attention import causal_flash
+
 _NEG_INF = float("-inf")
 
 
-def _unpack(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """int32 words -> int32 codes, ``dim`` grown F-fold (LSB first), without an int64 copy."""
-    F = 32 // bits
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
-    w = words.unsqueeze(dim + 1) if dim >= 0 else words.unsqueeze(dim)
-    shape = [1] * w.dim()
-    shape[dim + 1 if dim >= 0 else dim] = F
-    c = (w >> shifts.view(shape)) & ((1 << bits) - 1)  # arithmetic shift; the mask keeps the field only
-    out_shape = list(words.shape)
-    out_shape[dim] *= F
-    return c.reshape(out_shape)
+def _shifts(bits: int) -> torch.Tensor:
+    """The bit offset of each of the F codes of an int32 word (LSB first)."""
+    return torch.arange(0, 32, bits, dtype=torch.int32)
 
 
-def _quantized_rows(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, start, n, bits, group_size):
-    """Dequantized keys and values [S, n, D] of rows start .. start + n of each segment (n % GS == 0)."""
-    F = 32 // bits
-    D = k_codes.shape[1]
-    # Segments shorter than n read past their own rows (masked by the caller); clamp to stay in the buffers.
-    words = ((start // F)[:, None] + torch.arange(n // F)).clamp_(max=k_codes.shape[0] - 1)
-    groups = ((start // group_size)[:, None] + torch.arange(n // group_size)).clamp_(max=k_scale.shape[0] - 1)
-    S = start.numel()
-    k = _unpack(k_codes[words], bits, 1).view(S, n // group_size, group_size, D).float()
-    k = (k * k_scale[groups].float()[:, :, None] + k_zero[groups].float()[:, :, None]).view(S, n, D)
-    rows = (start[:, None] + torch.arange(n)).clamp_(max=v_codes.shape[0] - 1)
-    v = _unpack(v_codes[rows], bits, 2).view(S, n, D // group_size, group_size).float()
-    v = (v * v_scale[rows].float()[..., None] + v_zero[rows].float()[..., None]).view(S, n, D)
-    # Round to the storage dtype like kivi_dequantize, so results equal the reference's.
-    return k.to(k_scale.dtype).float(), v.to(v_scale.dtype).float()
+def _unpacked(words: torch.Tensor, shifts: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """int32 codes of ``words`` with a new axis of F codes after ``dim`` (the word's rows or channels)."""
+    w = words.unsqueeze(dim + 1)
+    s = shifts.view(-1, 1) if dim == 0 else shifts
+    # Arithmetic shift (int32 is signed); the mask keeps the field only, so the sign bits do not matter.
+    return (w >> s).bitwise_and_((1 << bits) - 1)
+
+
+def _dequantize_rows(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, start, n, keys, values, shifts, bits, gs):
+    """Write the dequantized keys/values of quantized rows ``start .. start + n`` (n % gs == 0) into
+    ``keys``/``values`` [n, D]: code * scale + zero in fp32, rounded to the storage dtype like
+    ``kivi_dequantize``."""
+    F = shifts.numel()
+    D = keys.shape[1]
+    k_groups = slice(start // gs, (start + n) // gs)
+    k_codes_ = _unpacked(k_codes[start // F:(start + n) // F], shifts, bits, 0).view(n // gs, gs, D)
+    torch.addcmul(k_zero[k_groups, None], k_codes_, k_scale[k_groups, None], out=keys.view(n // gs, gs, D))
+    rows = slice(start, start + n)
+    v_codes_ = _unpacked(v_codes[rows], shifts, bits, 1).view(n, D // gs, gs)
+    torch.addcmul(v_zero[rows, :, None], v_codes_, v_scale[rows, :, None], out=values.view(n, D // gs, gs))
+
+
+def _ring_slices(head: int, count: int, cap: int) -> list[tuple[int, int, int]]:
+    """(ring slot, segment offset, rows) runs of ``count`` ring rows starting at slot ``head`` (wraps once)."""
+    first = min(count, cap - head)
+    return [run for run in ((head, 0, first), (0, first, count - first)) if run[2]]
 
 
 def quant_pool_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len,
@@ -52,43 +70,97 @@ def quant_pool_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     B, Hq, Lq, D = q.shape
     _, H, TC, _ = k_tail.shape
     S, G = B * H, Hq // H
-    nq = q_len.reshape(S).long()
-    n = seg_len.reshape(S).long()
-    nt = n - nq
-    max_q = int(nq.max()) if S else 0  # host reads: fine on CPU, where there is no graph to capture
-    max_t = int(nt.max()) if S else 0
-    qf = q.reshape(S, G * Lq, D).float() * sm_scale
-    i = torch.arange(Lq).repeat(G)  # query row of each of the G*Lq rows
-    last_visible = n[:, None] - Lq + i  # [S, M]: bottom-right causal limit (segment row index)
+    rows = G * Lq
+    q_rows = q.reshape(S, 1, rows, D)  # segment s = (b, h) owns query heads h*G .. h*G + G - 1
+    if q_rows.stride(-1) != 1:
+        q_rows = q_rows.contiguous()
+    starts, nqs = q_start.reshape(S).tolist(), q_len.reshape(S).tolist()  # host reads: free on CPU tensors
+    heads, lens = t_head.reshape(S).tolist(), seg_len.reshape(S).tolist()
+    ring_k, ring_v = k_tail.reshape(S, TC, D), v_tail.reshape(S, TC, D)
+    longest = max(lens, default=0)
+    # One workspace for the call, reused segment after segment: the flash call reads it before the next
+    # segment overwrites it (CPU ops run in order).
+    work_k = k_tail.new_empty(longest, D)
+    work_v = v_tail.new_empty(longest, D)
+    shifts = _shifts(bits)
+    o = torch.empty(S, 1, rows, D, dtype=q.dtype)
+    lse = torch.empty(S, 1, rows, dtype=torch.float32)
+    for s in range(S):
+        n, nq = lens[s], nqs[s]
+        if n == 0:
+            o[s].zero_()
+            lse[s].fill_(_NEG_INF)
+            continue
+        keys, values = work_k[:n], work_v[:n]
+        if nq:
+            _dequantize_rows(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, starts[s], nq, keys[:nq],
+                             values[:nq], shifts, bits, group_size)
+        for slot, at, count in _ring_slices(heads[s], n - nq, TC):
+            keys[nq + at:nq + at + count] = ring_k[s, slot:slot + count]
+            values[nq + at:nq + at + count] = ring_v[s, slot:slot + count]
+        o_s, lse_s = causal_flash(q_rows[s:s + 1], keys[None, None], values[None, None], 0, n, Lq, G, sm_scale)
+        if S == 1:
+            o, lse = o_s, lse_s
+            break
+        o[s] = o_s[0]
+        lse[s] = lse_s[0]
+    o = o.view(B, Hq, Lq, D)
+    return o, (lse.view(B, Hq, Lq) if return_lse else lse.new_empty(0))
 
-    blocks = []  # (logits [S, M, r], values [S, r, D])
-    if max_q:
-        k, v = _quantized_rows(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, q_start.reshape(S), max_q, bits,
-                               group_size)
-        pos = torch.arange(max_q)
-        ok = (pos < nq[:, None])[:, None, :] & (pos[None, None, :] <= last_visible[..., None])
-        blocks.append((torch.bmm(qf, k.transpose(1, 2)).masked_fill_(~ok, _NEG_INF), v.masked_fill_(
-            ~(pos < nq[:, None])[..., None], 0.0)))
-    if max_t:
-        j = torch.arange(max_t)
-        slots = (t_head.reshape(S).long()[:, None] + j) % TC
-        seg = torch.arange(S)[:, None]
-        live = j < nt[:, None]
-        k = k_tail.reshape(S, TC, D)[seg, slots].float()
-        v = v_tail.reshape(S, TC, D)[seg, slots].float().masked_fill_(~live[..., None], 0.0)
-        pos = nq[:, None] + j  # segment row index of tail row j
-        ok = live[:, None, :] & (pos[:, None, :] <= last_visible[..., None])
-        blocks.append((torch.bmm(qf, k.transpose(1, 2)).masked_fill_(~ok, _NEG_INF), v))
 
-    M = G * Lq
-    if not blocks:
-        o = q.new_zeros(B, Hq, Lq, D)
-        lse = torch.full((B, Hq, Lq), _NEG_INF) if return_lse else torch.empty(0)
-        return o, lse
-    logits = torch.cat([b[0] for b in blocks], 2) if len(blocks) > 1 else blocks[0][0]
-    values = torch.cat([b[1] for b in blocks], 1) if len(blocks) > 1 else blocks[0][1]
-    lse = torch.logsumexp(logits, dim=2)  # [S, M]; -inf where nothing is visible
-    probs = torch.exp(logits - lse.nan_to_num(neginf=0.0)[..., None])  # exp(-inf) = 0 for empty rows
-    o = torch.bmm(probs, values).view(B, H, G, Lq, D).reshape(B, Hq, Lq, D).to(q.dtype).contiguous()
-    lse = lse.view(B, Hq, Lq).contiguous() if return_lse else lse.new_empty(0)
-    return o, lse
+def quant_pool_append(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, q_cap,
+                      t_head, seg_len, seg_cap, layer, k_new, v_new, bits, group_size, residual, flush_after):
+    """Same contract as :func:`kvkernels.reference.quant_pool.quant_pool_append`, O(t) work per segment."""
+    B, H, t, D = k_new.shape
+    TC = k_tail.shape[3]
+    S = B * H
+    nqs, lens = q_len[layer].reshape(S).tolist(), seg_len[layer].reshape(S).tolist()
+    heads, starts = t_head[layer].reshape(S).tolist(), q_start[layer].reshape(S).tolist()
+    q_caps, seg_caps = q_cap[layer].reshape(S).tolist(), seg_cap[layer].reshape(S).tolist()
+    tails = [n - nq for n, nq in zip(lens, nqs)]
+    # The reference's flush rule (flush_rows of append_plan's pending rows), on host ints.
+    flushes = [max((tail + t if flush_after else tail) - residual, 0) // group_size * group_size for tail in tails]
+    if not all(n + t <= cap and nq + f <= qcap and (tail + t if flush_after else tail - f + t) <= TC
+               for n, cap, nq, f, qcap, tail in zip(lens, seg_caps, nqs, flushes, q_caps, tails)):
+        check_quant_capacity(q_len, q_cap, t_head, seg_len, seg_cap, layer, t, TC, group_size, residual, flush_after)
+        raise AssertionError("quant_pool_append: the cpu capacity check and the reference's disagree")
+    ring_k, ring_v = k_tail[layer].view(S, TC, D), v_tail[layer].view(S, TC, D)
+    bufs = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
+    if not flush_after:  # KIVI's order: quantize the groups completed earlier, then write (ring slots free up)
+        _flush(bufs, ring_k, ring_v, starts, nqs, heads, flushes, bits, group_size)
+    if t:
+        slots = _new_row_slots(heads, tails, t, TC)
+        ring_k.view(S * TC, D).index_copy_(0, slots, k_new.reshape(S * t, D))
+        ring_v.view(S * TC, D).index_copy_(0, slots, v_new.reshape(S * t, D))
+    if flush_after:  # the new rows are in the ring now: a group they complete is quantized from there
+        _flush(bufs, ring_k, ring_v, starts, nqs, heads, flushes, bits, group_size)
+    if any(flushes):
+        q_len[layer] = torch.tensor([nq + f for nq, f in zip(nqs, flushes)], dtype=torch.int32).view(B, H)
+        t_head[layer] = torch.tensor([(h + f) % TC for h, f in zip(heads, flushes)], dtype=torch.int32).view(B, H)
+    seg_len[layer] += t
+
+
+def _new_row_slots(heads, tails, t, TC) -> torch.Tensor:
+    """Flat indices into a layer's [S * TC] ring rows of the t new rows of every segment, in (segment, row) order:
+    the slots after each segment's live tail (the ring's head does not move the live rows)."""
+    first = [s * TC + (h + tail) % TC for s, (h, tail) in enumerate(zip(heads, tails))]
+    if t == 1:
+        return torch.tensor(first)
+    first = torch.tensor(first)[:, None]
+    base = first - first % TC  # s * TC
+    return (base + (first - base + torch.arange(t)) % TC).view(-1)
+
+
+def _flush(bufs, ring_k, ring_v, starts, nqs, heads, flushes, bits, group_size) -> None:
+    """Quantize the oldest ``flushes[s]`` ring rows of each segment s into its next quantized rows."""
+    TC = ring_k.shape[1]
+    for s, f in enumerate(flushes):
+        if f:
+            k_rows, v_rows = (_ring_rows(ring, heads[s], f, TC, s) for ring in (ring_k, ring_v))
+            write_quantized(kivi_quantize, *bufs, starts[s] + nqs[s], k_rows, v_rows, bits, group_size)
+
+
+def _ring_rows(ring, head, count, TC, s) -> torch.Tensor:
+    """Ring rows head .. head + count of segment s in order: a view, or a copy of two pieces if it wraps."""
+    pieces = [ring[s, slot:slot + n] for slot, _, n in _ring_slices(head, count, TC)]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
