@@ -21,14 +21,16 @@ flush (one in group_size steps) quantize their oldest ring rows with the referen
 
 from __future__ import annotations
 
+import math
+import threading
+
 import torch
 
 from kvkernels.reference.kivi import kivi_quantize
 from kvkernels.reference.quant_pool import check_quant_capacity, write_quantized
 
-from .ragged_attention import causal_flash
-
 _NEG_INF = float("-inf")
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 
 
 def _shifts(bits: int) -> torch.Tensor:
@@ -36,32 +38,114 @@ def _shifts(bits: int) -> torch.Tensor:
     return torch.arange(0, 32, bits, dtype=torch.int32)
 
 
-def _unpacked(words: torch.Tensor, shifts: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """int32 codes of ``words`` with a new axis of F codes after ``dim`` (the word's rows or channels)."""
+# Scratch buffers reused from call to call (per thread): a fresh tensor of a few hundred KB is a fresh
+# mmap, and its page faults cost more than the unpacking itself. They hold one block of segments' rows
+# for the duration of a call (never a copy of the cache that outlives it); above _SCRATCH_MAX bytes they
+# are allocated per call instead of kept.
+_SCRATCH_MAX = 32 << 20
+_local = threading.local()
+
+
+def _scratch(tag: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    numel = math.prod(shape)
+    if numel * dtype.itemsize > _SCRATCH_MAX:
+        return torch.empty(shape, dtype=dtype)
+    buffers = _local.__dict__.setdefault("buffers", {})
+    buf = buffers.get((tag, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = buffers[(tag, dtype)] = torch.empty(numel, dtype=dtype)
+    return buf[:numel].view(shape)
+
+
+def _codes_into(out: torch.Tensor, words: torch.Tensor, shifts: torch.Tensor, bits: int, dim: int) -> None:
+    """Write the codes of int32 ``words`` into the float tensor ``out``, which has a new axis of the F codes
+    of each word after ``dim`` (0: codes packed along rows, keys; 1: along channels, values)."""
     w = words.unsqueeze(dim + 1)
     s = shifts.view(-1, 1) if dim == 0 else shifts
+    codes = _scratch("codes", out.shape, torch.int32)
     # Arithmetic shift (int32 is signed); the mask keeps the field only, so the sign bits do not matter.
-    return (w >> s).bitwise_and_((1 << bits) - 1)
+    torch.bitwise_right_shift(w, s, out=codes).bitwise_and_((1 << bits) - 1)
+    out.copy_(codes)
 
 
-def _dequantize_rows(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, start, n, keys, values, shifts, bits, gs):
-    """Write the dequantized keys/values of quantized rows ``start .. start + n`` (n % gs == 0) into
-    ``keys``/``values`` [n, D]: code * scale + zero in fp32, rounded to the storage dtype like
-    ``kivi_dequantize``."""
+def _dequantize_rows(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, start, n, keys, values, bits, gs):
+    """Write the dequantized keys/values of quantized rows ``start .. start + n`` (start, n multiples of gs)
+    into ``keys``/``values`` [n, D] (storage dtype): code * scale + zero, as ``kivi_dequantize`` computes it."""
+    shifts = _shifts(bits)
     F = shifts.numel()
     D = keys.shape[1]
-    k_groups = slice(start // gs, (start + n) // gs)
-    k_codes_ = _unpacked(k_codes[start // F:(start + n) // F], shifts, bits, 0).view(n // gs, gs, D)
-    torch.addcmul(k_zero[k_groups, None], k_codes_, k_scale[k_groups, None], out=keys.view(n // gs, gs, D))
+    _codes_into(keys.view(n // F, F, D), k_codes[start // F:(start + n) // F], shifts, bits, 0)
+    groups = slice(start // gs, (start + n) // gs)
+    k = keys.view(n // gs, gs, D)  # keys: one (scale, zero) per channel and group of gs rows
+    torch.addcmul(k_zero[groups, None], k, k_scale[groups, None], out=k)
     rows = slice(start, start + n)
-    v_codes_ = _unpacked(v_codes[rows], shifts, bits, 1).view(n, D // gs, gs)
-    torch.addcmul(v_zero[rows, :, None], v_codes_, v_scale[rows, :, None], out=values.view(n, D // gs, gs))
+    _codes_into(values.view(n, D // F, F), v_codes[rows], shifts, bits, 1)
+    v = values.view(n, D // gs, gs)  # values: one (scale, zero) per row and group of gs channels
+    if v.dtype == torch.float32:  # mul_ + add_ vectorize along the group (addcmul broadcasting there does not)
+        v.mul_(v_scale[rows, :, None]).add_(v_zero[rows, :, None])
+    else:  # one rounding to fp16/bf16, from fp32 math, like kivi_dequantize
+        torch.addcmul(v_zero[rows, :, None], v, v_scale[rows, :, None], out=v)
 
 
-def _ring_slices(head: int, count: int, cap: int) -> list[tuple[int, int, int]]:
-    """(ring slot, segment offset, rows) runs of ``count`` ring rows starting at slot ``head`` (wraps once)."""
+def _ring_slices(head: int, count: int, cap: int) -> list[tuple[int, int]]:
+    """(first ring slot, rows) runs of ``count`` ring rows starting at slot ``head`` (the ring wraps once)."""
     first = min(count, cap - head)
-    return [run for run in ((head, 0, first), (0, first, count - first)) if run[2]]
+    return [run for run in ((head, first), (0, count - first)) if run[1]]
+
+
+def _mask_runs(starts, nqs, heads, lens, first, rows, TC, G, Lq):
+    """Run-length form (values, lengths) of the additive mask [b*G*Lq, W] of one block of b segments over the
+    block's columns W = [quantized rows first .. first + rows ; every segment's ring (TC slots each)], and
+    the query rows that see nothing. Query row i of segment s sees segment rows 0 .. n - Lq + i
+    (bottom-right causal): the first of them are its quantized rows, the others its ring's live slots."""
+    W = rows + len(lens) * TC
+    values, lengths, blind = [], [], []
+    for s, (start, nq, head, n) in enumerate(zip(starts, nqs, heads, lens)):
+        per_i = []
+        for i in range(Lq):
+            seen = max(n - Lq + i + 1, 0)  # segment rows query row i sees
+            spans = [(start - first, min(nq, seen))] if min(nq, seen) else []
+            if seen > nq:
+                spans += sorted((rows + s * TC + slot, count) for slot, count in _ring_slices(head, seen - nq, TC))
+            runs, at = [], 0
+            for col, count in spans:  # hidden gap, then visible span
+                runs += [(_NEG_INF, col - at), (0.0, count)]
+                at = col + count
+            runs.append((_NEG_INF, W - at))
+            per_i.append(([v for v, c in runs if c], [c for v, c in runs if c], seen == 0))
+        for g in range(G):
+            for i, (v, c, nothing) in enumerate(per_i):
+                if nothing:
+                    blind.append((s * G + g) * Lq + i)
+                values += v
+                lengths += c
+    return values, lengths, blind
+
+
+# Segments attended together by one fused flash call: every query row of the block is multiplied by every
+# column (the others masked), so a block of b segments costs up to b times the products a segment needs;
+# blocks bound that, while SmolLM2's 3 KV heads (B = 1) are one block, i.e. one call per layer.
+_BLOCK = 4
+
+
+def _attend_block(q_rows, quant, k_ring, v_ring, starts, nqs, heads, lens, G, Lq, bits, gs, sm_scale):
+    """(o [1, 1, b*G*Lq, D], lse fp32 [1, 1, b*G*Lq]) of b segments' query rows [1, 1, b*G*Lq, D]."""
+    b, TC, D = k_ring.shape
+    live = [s for s in range(b) if nqs[s]]
+    first = min((starts[s] for s in live), default=0)
+    rows = max((starts[s] + nqs[s] for s in live), default=first) - first
+    W = rows + b * TC
+    keys, values = _scratch("keys", (W, D), k_ring.dtype), _scratch("values", (W, D), k_ring.dtype)
+    if rows:  # rows of the range past a segment's q_len (unused capacity) are dequantized but masked
+        _dequantize_rows(*quant, first, rows, keys[:rows], values[:rows], bits, gs)
+    keys[rows:].view(b, TC, D).copy_(k_ring)
+    values[rows:].view(b, TC, D).copy_(v_ring)
+    runs, lengths, blind = _mask_runs(starts, nqs, heads, lens, first, rows, TC, G, Lq)
+    mask = torch.tensor(runs, dtype=q_rows.dtype).repeat_interleave(torch.tensor(lengths)).view(-1, W)
+    o, lse = _flash(q_rows, keys[None, None], values[None, None], attn_mask=mask, scale=sm_scale)
+    if blind:  # the fused kernel gives a row that sees nothing o = 0 but lse = 0
+        lse[0, 0, blind] = _NEG_INF
+    return o, lse
 
 
 def quant_pool_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len,
@@ -70,42 +154,20 @@ def quant_pool_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     B, Hq, Lq, D = q.shape
     _, H, TC, _ = k_tail.shape
     S, G = B * H, Hq // H
-    rows = G * Lq
-    q_rows = q.reshape(S, 1, rows, D)  # segment s = (b, h) owns query heads h*G .. h*G + G - 1
+    M = G * Lq
+    # Segment s = (b, h) owns query heads h*G .. h*G + G - 1: in q these are G*Lq consecutive rows.
+    q_rows = q.reshape(1, 1, S * M, D)
     if q_rows.stride(-1) != 1:
         q_rows = q_rows.contiguous()
     starts, nqs = q_start.reshape(S).tolist(), q_len.reshape(S).tolist()  # host reads: free on CPU tensors
     heads, lens = t_head.reshape(S).tolist(), seg_len.reshape(S).tolist()
-    ring_k, ring_v = k_tail.reshape(S, TC, D), v_tail.reshape(S, TC, D)
-    longest = max(lens, default=0)
-    # One workspace for the call, reused segment after segment: the flash call reads it before the next
-    # segment overwrites it (CPU ops run in order).
-    work_k = k_tail.new_empty(longest, D)
-    work_v = v_tail.new_empty(longest, D)
-    shifts = _shifts(bits)
-    o = torch.empty(S, 1, rows, D, dtype=q.dtype)
-    lse = torch.empty(S, 1, rows, dtype=torch.float32)
-    for s in range(S):
-        n, nq = lens[s], nqs[s]
-        if n == 0:
-            o[s].zero_()
-            lse[s].fill_(_NEG_INF)
-            continue
-        keys, values = work_k[:n], work_v[:n]
-        if nq:
-            _dequantize_rows(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, starts[s], nq, keys[:nq],
-                             values[:nq], shifts, bits, group_size)
-        for slot, at, count in _ring_slices(heads[s], n - nq, TC):
-            keys[nq + at:nq + at + count] = ring_k[s, slot:slot + count]
-            values[nq + at:nq + at + count] = ring_v[s, slot:slot + count]
-        o_s, lse_s = causal_flash(q_rows[s:s + 1], keys[None, None], values[None, None], 0, n, Lq, G, sm_scale)
-        if S == 1:
-            o, lse = o_s, lse_s
-            break
-        o[s] = o_s[0]
-        lse[s] = lse_s[0]
-    o = o.view(B, Hq, Lq, D)
-    return o, (lse.view(B, Hq, Lq) if return_lse else lse.new_empty(0))
+    k_ring, v_ring = k_tail.reshape(S, TC, D), v_tail.reshape(S, TC, D)
+    quant = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
+    parts = [_attend_block(q_rows[:, :, s * M:(s + _BLOCK) * M], quant, k_ring[s:s + _BLOCK], v_ring[s:s + _BLOCK],
+                           starts[s:s + _BLOCK], nqs[s:s + _BLOCK], heads[s:s + _BLOCK], lens[s:s + _BLOCK], G, Lq,
+                           bits, group_size, sm_scale) for s in range(0, S, _BLOCK)]
+    o, lse = parts[0] if len(parts) == 1 else [torch.cat([p[i] for p in parts], 2) for i in (0, 1)]
+    return o.view(B, Hq, Lq, D), (lse.view(B, Hq, Lq) if return_lse else lse.new_empty(0))
 
 
 def quant_pool_append(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, q_cap,
@@ -162,5 +224,5 @@ def _flush(bufs, ring_k, ring_v, starts, nqs, heads, flushes, bits, group_size) 
 
 def _ring_rows(ring, head, count, TC, s) -> torch.Tensor:
     """Ring rows head .. head + count of segment s in order: a view, or a copy of two pieces if it wraps."""
-    pieces = [ring[s, slot:slot + n] for slot, _, n in _ring_slices(head, count, TC)]
+    pieces = [ring[s, slot:slot + n] for slot, n in _ring_slices(head, count, TC)]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
