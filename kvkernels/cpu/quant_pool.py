@@ -176,14 +176,17 @@ def quant_pool_append(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail
     B, H, t, D = k_new.shape
     TC = k_tail.shape[3]
     S = B * H
-    nqs, lens = q_len[layer].reshape(S).tolist(), seg_len[layer].reshape(S).tolist()
-    heads, starts = t_head[layer].reshape(S).tolist(), q_start[layer].reshape(S).tolist()
-    q_caps, seg_caps = q_cap[layer].reshape(S).tolist(), seg_cap[layer].reshape(S).tolist()
+    # Host reads (free on CPU tensors), as few ops as possible: the step's fixed cost is these calls.
+    nqs, lens, heads, seg_caps = torch.stack((q_len[layer], seg_len[layer], t_head[layer], seg_cap[layer])).view(
+        4, S).tolist()
     tails = [n - nq for n, nq in zip(lens, nqs)]
     # The reference's flush rule (flush_rows of append_plan's pending rows), on host ints.
     flushes = [max((tail + t if flush_after else tail) - residual, 0) // group_size * group_size for tail in tails]
-    if not all(n + t <= cap and nq + f <= qcap and (tail + t if flush_after else tail - f + t) <= TC
-               for n, cap, nq, f, qcap, tail in zip(lens, seg_caps, nqs, flushes, q_caps, tails)):
+    flushing = any(flushes)  # one step in group_size per segment; only then the quantized rows are read
+    starts, q_caps = (q_start[layer].reshape(S).tolist(), q_cap[layer].reshape(S).tolist()) if flushing else ([], [])
+    fits = all(n + t <= cap and (tail + t if flush_after else tail - f + t) <= TC
+               for n, cap, f, tail in zip(lens, seg_caps, flushes, tails))
+    if not (fits and all(nq + f <= q_cap_ for nq, f, q_cap_ in zip(nqs, flushes, q_caps))):
         check_quant_capacity(q_len, q_cap, t_head, seg_len, seg_cap, layer, t, TC, group_size, residual, flush_after)
         raise AssertionError("quant_pool_append: the cpu capacity check and the reference's disagree")
     ring_k, ring_v = k_tail[layer].view(S, TC, D), v_tail[layer].view(S, TC, D)
@@ -196,10 +199,10 @@ def quant_pool_append(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail
         ring_v.view(S * TC, D).index_copy_(0, slots, v_new.reshape(S * t, D))
     if flush_after:  # the new rows are in the ring now: a group they complete is quantized from there
         _flush(bufs, ring_k, ring_v, starts, nqs, heads, flushes, bits, group_size)
-    if any(flushes):
+    if flushing:
         q_len[layer] = torch.tensor([nq + f for nq, f in zip(nqs, flushes)], dtype=torch.int32).view(B, H)
         t_head[layer] = torch.tensor([(h + f) % TC for h, f in zip(heads, flushes)], dtype=torch.int32).view(B, H)
-    seg_len[layer] += t
+    seg_len[layer].add_(t)
 
 
 def _new_row_slots(heads, tails, t, TC) -> torch.Tensor:
