@@ -21,6 +21,7 @@ flush (one in group_size steps) quantize their oldest ring rows with the referen
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
@@ -33,9 +34,12 @@ _NEG_INF = float("-inf")
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 
 
-def _shifts(bits: int) -> torch.Tensor:
-    """The bit offset of each of the F codes of an int32 word (LSB first)."""
-    return torch.arange(0, 32, bits, dtype=torch.int32)
+@functools.lru_cache(maxsize=None)
+def _shifts(bits: int, dim: int) -> torch.Tensor:
+    """The bit offset of each of the F codes of an int32 word (LSB first), shaped to broadcast against words
+    with the new code axis after ``dim`` (cached: a constant, never written)."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    return shifts.view(-1, 1) if dim == 0 else shifts
 
 
 # Scratch buffers reused from call to call (per thread): a fresh tensor of a few hundred KB is a fresh
@@ -57,29 +61,26 @@ def _scratch(tag: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tens
     return buf[:numel].view(shape)
 
 
-def _codes_into(out: torch.Tensor, words: torch.Tensor, shifts: torch.Tensor, bits: int, dim: int) -> None:
+def _codes_into(out: torch.Tensor, words: torch.Tensor, bits: int, dim: int) -> None:
     """Write the codes of int32 ``words`` into the float tensor ``out``, which has a new axis of the F codes
     of each word after ``dim`` (0: codes packed along rows, keys; 1: along channels, values)."""
-    w = words.unsqueeze(dim + 1)
-    s = shifts.view(-1, 1) if dim == 0 else shifts
     codes = _scratch("codes", out.shape, torch.int32)
     # Arithmetic shift (int32 is signed); the mask keeps the field only, so the sign bits do not matter.
-    torch.bitwise_right_shift(w, s, out=codes).bitwise_and_((1 << bits) - 1)
+    torch.bitwise_right_shift(words.unsqueeze(dim + 1), _shifts(bits, dim), out=codes).bitwise_and_((1 << bits) - 1)
     out.copy_(codes)
 
 
 def _dequantize_rows(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, start, n, keys, values, bits, gs):
     """Write the dequantized keys/values of quantized rows ``start .. start + n`` (start, n multiples of gs)
     into ``keys``/``values`` [n, D] (storage dtype): code * scale + zero, as ``kivi_dequantize`` computes it."""
-    shifts = _shifts(bits)
-    F = shifts.numel()
+    F = 32 // bits
     D = keys.shape[1]
-    _codes_into(keys.view(n // F, F, D), k_codes[start // F:(start + n) // F], shifts, bits, 0)
+    _codes_into(keys.view(n // F, F, D), k_codes[start // F:(start + n) // F], bits, 0)
     groups = slice(start // gs, (start + n) // gs)
     k = keys.view(n // gs, gs, D)  # keys: one (scale, zero) per channel and group of gs rows
     torch.addcmul(k_zero[groups, None], k, k_scale[groups, None], out=k)
     rows = slice(start, start + n)
-    _codes_into(values.view(n, D // F, F), v_codes[rows], shifts, bits, 1)
+    _codes_into(values.view(n, D // F, F), v_codes[rows], bits, 1)
     v = values.view(n, D // gs, gs)  # values: one (scale, zero) per row and group of gs channels
     if v.dtype == torch.float32:  # mul_ + add_ vectorize along the group (addcmul broadcasting there does not)
         v.mul_(v_scale[rows, :, None]).add_(v_zero[rows, :, None])
@@ -93,12 +94,14 @@ def _ring_slices(head: int, count: int, cap: int) -> list[tuple[int, int]]:
     return [run for run in ((head, first), (0, count - first)) if run[1]]
 
 
-def _mask_runs(starts, nqs, heads, lens, first, rows, TC, G, Lq):
+def _mask_runs(starts, nqs, heads, lens, first, rows, TC, window, G, Lq):
     """Run-length form (values, lengths) of the additive mask [b*G*Lq, W] of one block of b segments over the
-    block's columns W = [quantized rows first .. first + rows ; every segment's ring (TC slots each)], and
-    the query rows that see nothing. Query row i of segment s sees segment rows 0 .. n - Lq + i
-    (bottom-right causal): the first of them are its quantized rows, the others its ring's live slots."""
-    W = rows + len(lens) * TC
+    block's columns W = [quantized rows first .. first + rows ; ring slots lo .. hi of every segment]
+    (``window`` = (lo, hi)), and the query rows that see nothing. Query row i of segment s sees segment rows
+    0 .. n - Lq + i (bottom-right causal): the first of them are its quantized rows, the others its ring's
+    live slots."""
+    lo, hi = window
+    W = rows + len(lens) * (hi - lo)
     values, lengths, blind = [], [], []
     for s, (start, nq, head, n) in enumerate(zip(starts, nqs, heads, lens)):
         per_i = []
@@ -106,7 +109,8 @@ def _mask_runs(starts, nqs, heads, lens, first, rows, TC, G, Lq):
             seen = max(n - Lq + i + 1, 0)  # segment rows query row i sees
             spans = [(start - first, min(nq, seen))] if min(nq, seen) else []
             if seen > nq:
-                spans += sorted((rows + s * TC + slot, count) for slot, count in _ring_slices(head, seen - nq, TC))
+                spans += sorted((rows + s * (hi - lo) + slot - lo, count)
+                                for slot, count in _ring_slices(head, seen - nq, TC))
             runs, at = [], 0
             for col, count in spans:  # hidden gap, then visible span
                 runs += [(_NEG_INF, col - at), (0.0, count)]
@@ -131,16 +135,27 @@ _BLOCK = 4
 def _attend_block(q_rows, quant, k_ring, v_ring, starts, nqs, heads, lens, G, Lq, bits, gs, sm_scale):
     """(o [1, 1, b*G*Lq, D], lse fp32 [1, 1, b*G*Lq]) of b segments' query rows [1, 1, b*G*Lq, D]."""
     b, TC, D = k_ring.shape
+    if not any(lens):  # nothing to attend: o = 0, lse = -inf (the fused kernel needs at least one key)
+        return q_rows.new_zeros(q_rows.shape), torch.full(q_rows.shape[:3], _NEG_INF)
     live = [s for s in range(b) if nqs[s]]
     first = min((starts[s] for s in live), default=0)
     rows = max((starts[s] + nqs[s] for s in live), default=first) - first
-    W = rows + b * TC
+    # The ring slots to copy: one window lo .. hi holding every segment's live tail (appends from a build
+    # never wrap a ring, and the heads of one layer stay close), else whole rings.
+    tails = [n - nq for n, nq in zip(lens, nqs)]
+    in_use = [(h, h + t) for h, t in zip(heads, tails) if t]
+    if all(end <= TC for _, end in in_use):
+        window = (min((h for h, _ in in_use), default=0), max((end for _, end in in_use), default=0))
+    else:
+        window = (0, TC)
+    lo, hi = window
+    W = rows + b * (hi - lo)
     keys, values = _scratch("keys", (W, D), k_ring.dtype), _scratch("values", (W, D), k_ring.dtype)
     if rows:  # rows of the range past a segment's q_len (unused capacity) are dequantized but masked
         _dequantize_rows(*quant, first, rows, keys[:rows], values[:rows], bits, gs)
-    keys[rows:].view(b, TC, D).copy_(k_ring)
-    values[rows:].view(b, TC, D).copy_(v_ring)
-    runs, lengths, blind = _mask_runs(starts, nqs, heads, lens, first, rows, TC, G, Lq)
+    keys[rows:].view(b, hi - lo, D).copy_(k_ring[:, lo:hi])
+    values[rows:].view(b, hi - lo, D).copy_(v_ring[:, lo:hi])
+    runs, lengths, blind = _mask_runs(starts, nqs, heads, lens, first, rows, TC, window, G, Lq)
     mask = torch.tensor(runs, dtype=q_rows.dtype).repeat_interleave(torch.tensor(lengths)).view(-1, W)
     o, lse = _flash(q_rows, keys[None, None], values[None, None], attn_mask=mask, scale=sm_scale)
     if blind:  # the fused kernel gives a row that sees nothing o = 0 but lse = 0
