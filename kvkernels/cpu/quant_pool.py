@@ -1,22 +1,33 @@
-"""CPU kernels of ``quant_pool_attention`` and ``quant_pool_append``: segment by segment, from the host.
+"""CPU kernels of ``quant_pool_attention`` and ``quant_pool_append``: few tensor ops, bookkeeping on the host.
 
-The tensors are CPU tensors, so the small per-layer tables (``q_start``, ``q_len``, ``t_head``,
-``seg_len``, capacities) are read on the host once per call and all bookkeeping is Python arithmetic over
-a few ints per segment; only the rows themselves go through tensor ops.
+On CPU a decode step's cost at a few thousand tokens is mostly the fixed cost of each tensor op, so both
+kernels read the small per-layer tables (``q_start``, ``q_len``, ``t_head``, ``seg_len``, capacities) on
+the host (free for CPU tensors) and do the bookkeeping in Python ints; the rows go through as few tensor
+ops as possible, and never through index gathers.
 
-Attention. Each segment's quantized rows are a contiguous slice of the codes (segment starts are
-multiples of the group size), so they are unpacked from a view (no index gathers) and dequantized by one
-``addcmul`` per K and V straight into a per-call workspace of the segment's length, in the storage dtype
-(as ``kivi_dequantize`` rounds); its tail rows are copied after them from the ring (one slice, two when
-the ring wraps). PyTorch's fused CPU flash kernel then attends that [quantized; tail] segment, with the
-same bottom-right causal rule as ``ragged_attention`` (``causal_flash``). Work is proportional to each
-segment's own rows: nothing is padded to the longest segment, and the workspace lives only for the call
-(no full-precision shadow of the cache).
+Attention. The segments of a layer are taken in blocks of up to ``_BLOCK`` (SmolLM2's 3 KV heads at B = 1:
+one block), each attended by one call of PyTorch's fused CPU flash kernel over a scratch buffer of
+columns [the block's quantized rows ; a window of its rings]. The quantized rows of consecutive segments
+are one slice of the codes (segment starts are multiples of the group size), so they are dequantized in
+one pass set per K and V (shift, mask, int -> float, scale and zero) in the storage dtype, as
+``kivi_dequantize`` rounds. The ring window is the slot range holding every segment's live tail (appends
+from a build never wrap a ring), whole rings if one wraps. The query rows of all the block's segments
+are one [b*G*Lq, D] matrix; an additive mask, built run-length from the host-read lengths in one
+``repeat_interleave``, keeps each row to its own segment's rows, bottom-right causal for Lq > 1. Nothing
+is padded to the longest segment; what is computed beyond a segment's own rows is the products with the
+other segments of the block (at most ``_BLOCK`` times the needed ones), the unused quantized capacity
+between them and the ring slots outside live tails, all at probability exactly 0. Those masked rows hold
+zeros or rows of rolled-back appends: finite unless non-finite rows were appended. Scratch buffers are
+reused from call to call (per thread, up to ``_SCRATCH_MAX`` bytes each): one block's rows for the
+duration of a call, not a copy of the cache.
 
-Append. The plan (rows each segment flushes), the overflow check and the ring slots of the new rows are
-computed on the host; the new rows are written with one ``index_copy_`` per K and V; the segments that
-flush (one in group_size steps) quantize their oldest ring rows with the reference's writer.
-``quant_pool_build`` falls through to the reference (once per compression).
+Append. Lengths are read with one ``stack`` + ``tolist``; the flush rule and the capacity check run on
+host ints (an overflow calls the reference's check, which raises its ``PoolOverflowError`` before
+anything is written); the t new rows of every segment go into their ring slots with one ``index_copy_``
+per K and V. A segment that flushes (one step in group_size) quantizes its oldest ring rows with the
+reference's writer (``write_quantized`` + ``kivi_quantize``), before the write by default (KIVI's order)
+or after it with ``flush_after``. ``quant_pool_build`` falls through to the reference (once per
+compression).
 """
 
 from __future__ import annotations
@@ -174,8 +185,9 @@ def quant_pool_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     q_rows = q.reshape(1, 1, S * M, D)
     if q_rows.stride(-1) != 1:
         q_rows = q_rows.contiguous()
-    starts, nqs = q_start.reshape(S).tolist(), q_len.reshape(S).tolist()  # host reads: free on CPU tensors
-    heads, lens = t_head.reshape(S).tolist(), seg_len.reshape(S).tolist()
+    # Host reads (free on CPU tensors) in as few ops as possible.
+    nqs, heads, lens = torch.stack((q_len, t_head, seg_len)).view(3, S).tolist()
+    starts = q_start.reshape(S).tolist()
     k_ring, v_ring = k_tail.reshape(S, TC, D), v_tail.reshape(S, TC, D)
     quant = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
     parts = [_attend_block(q_rows[:, :, s * M:(s + _BLOCK) * M], quant, k_ring[s:s + _BLOCK], v_ring[s:s + _BLOCK],
