@@ -1,18 +1,22 @@
 """One layer's decode step on the quantized ragged pool, on CPU: ``quant_pool_append`` + ``quant_pool_attention``.
 
 SmolLM2's decode shape: B = 1, 3 KV heads with 9 query heads, D = 64, KIVI-2, group 32, residual 128,
-slack 256, and KVzip-like unequal segments (default 700/450/650 rows, a 2K context at keep 0.3). Each
-implementation is timed over a cycle of ``--steps`` single-token appends (each followed by the attention
-of one query token), so flushes happen at their natural rate (each segment once in 32 steps); the pool is
-rolled back between cycles. Implementations are interleaved round by round, so load from other processes
-hits them alike; the median over rounds is reported, with ratios to the reference.
+``--slack`` rows per segment (default 256, ``compress``'s default; ``bench.cpu_e2e`` uses 20), and KVzip-like
+unequal segments (default 700/450/650 rows, a 2K context at keep 0.3). Each implementation is timed over a
+cycle of ``--steps`` single-token appends, then as many attentions of one query token, so flushes happen
+at their natural rate (each segment once in 32 steps); the pool is rolled back between cycles.
+Implementations are interleaved round by round and timed in thread CPU time (``time.thread_time``: on a
+shared machine wall time also counts other processes' slices); the median over rounds is reported, with
+ratios to the reference. Also timed: the plain (unquantized) KVzip pool of the same rows through
+``ragged_append`` + ``ragged_attention`` (``fp pool op``), the cost the quantized pool is compared with.
 
 Implementations: ``reference`` and ``cpu`` (the kernel functions, called directly), ``cpu op`` (the
 registered op under the cpu backend: validation + dispatch + kernel, what the transformers cache calls),
 and optionally an older cpu kernel file (``--old FILE``, a copy of a previous ``kvkernels/cpu/quant_pool.py``;
 its missing ops fall back to the reference's, as the backend would).
 
-Run: ``OMP_NUM_THREADS=1 python -m bench.quant_pool_layer_cpu [--lengths 700,450,650] [--rounds 15] [--old FILE]``
+Run: ``OMP_NUM_THREADS=1 python -m bench.quant_pool_layer_cpu [--lengths 700,450,650] [--slack 256] [--rounds 15]
+[--old FILE] [--out FILE.json]``
 """
 
 from __future__ import annotations
@@ -131,6 +135,7 @@ def main(argv=None):
     parser.add_argument("--lengths", default="700,450,650", help="kept rows of each KV head's segment")
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--groups", type=int, default=3, help="query heads per KV head")
+    parser.add_argument("--slack", type=int, default=256, help="rows reserved per segment at build")
     parser.add_argument("--steps", type=int, default=64, help="appends + attentions per timed cycle")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--old", default=None, help="an older kvkernels/cpu/quant_pool.py to time as 'old cpu'")
@@ -147,8 +152,8 @@ def main(argv=None):
         impls["old cpu"] = kernel_calls(getattr(old, "quant_pool_append", ref_qp.quant_pool_append),
                                         old.quant_pool_attention)
     impls["fp pool op"] = fp_calls()
-    pools = {name: make_pool(lengths, D, 2, 32, 128, 256) for name in impls if name != "fp pool op"}
-    pools["fp pool op"] = FpPool(lengths, D, 256)
+    pools = {name: make_pool(lengths, D, 2, 32, 128, args.slack) for name in impls if name != "fp pool op"}
+    pools["fp pool op"] = FpPool(lengths, D, args.slack)
     saved = {name: [t.clone() for t in pool.lengths()] for name, pool in pools.items()}
     gen = torch.Generator().manual_seed(1)
     inputs = [(torch.randn(1, H * G, 1, D, generator=gen), torch.randn(1, H, 1, D, generator=gen),
@@ -177,7 +182,8 @@ def main(argv=None):
     med = {name: (statistics.median(a), statistics.median(b), statistics.median(x + y for x, y in zip(a, b)))
            for name, (a, b) in times.items()}
     result = dict(command="python -m bench.quant_pool_layer_cpu " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  shape=dict(B=1, Hkv=H, Hq=H * G, D=D, lengths=lengths, bits=2, group=32, residual=128),
+                  shape=dict(B=1, Hkv=H, Hq=H * G, D=D, lengths=lengths, bits=2, group=32, residual=128,
+                             slack=args.slack), timing="thread CPU time, median over rounds",
                   threads=torch.get_num_threads(), load_average=os.getloadavg(), torch=torch.__version__,
                   platform=platform.platform(), results={})
     ref = med["reference"]
