@@ -58,6 +58,7 @@ _KERNEL_MODULES: dict[str, dict[str, str]] = {
         "kvzip_score": "kvzip_score",
         "kivi_attention": "kivi",
         "quant_pool_attention": "quant_pool",
+        "quant_pool_append": "quant_pool",
     },
 }
 _FALLBACK = {"cupy": "triton", "triton": "reference", "cpu": "reference"}

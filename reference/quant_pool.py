@@ -152,6 +152,17 @@ def _pending_rows(tail_buf, head, tail, new, count):
     return torch.where((i < tail)[:, None], from_ring, from_new)
 
 
+def write_quantized(quantize, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, row, k_rows, v_rows, bits,
+                    group_size) -> None:
+    """Quantize k_rows/v_rows [f, D] (f whole groups, oldest first) into quantized rows row .. row + f."""
+    F, f = codes_per_word(bits), k_rows.shape[0]
+    c, s, z = (u[0, 0] for u in quantize(k_rows[None, None], bits, group_size, "key"))
+    groups = slice(row // group_size, (row + f) // group_size)
+    k_codes[row // F:(row + f) // F], k_scale[groups], k_zero[groups] = c, s, z
+    c, s, z = (u[0, 0] for u in quantize(v_rows[None, None], bits, group_size, "value"))
+    v_codes[row:row + f], v_scale[row:row + f], v_zero[row:row + f] = c, s, z
+
+
 def append_with(quantize, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len,
                 q_cap, t_head, seg_len, seg_cap, layer, k_new, v_new, bits, group_size, residual, flush_after):
     """``quant_pool_append`` with the given quantize implementation: new rows are written for all segments
@@ -159,22 +170,15 @@ def append_with(quantize, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_
     B, H, t, D = k_new.shape
     TC = k_tail.shape[3]
     check_quant_capacity(q_len, q_cap, t_head, seg_len, seg_cap, layer, t, TC, group_size, residual, flush_after)
-    F = codes_per_word(bits)
     tail, n_flush = append_plan(q_len[layer], t_head[layer], seg_len[layer], t, group_size, residual, flush_after)
     head = t_head[layer].long()
     for b, h in n_flush.nonzero().tolist():
         f, tl_, hd = int(n_flush[b, h]), int(tail[b, h]), int(head[b, h])
+        k_rows = _pending_rows(k_tail[layer, b, h], hd, tl_, k_new[b, h], f)
+        v_rows = _pending_rows(v_tail[layer, b, h], hd, tl_, v_new[b, h], f)
         row = int(q_start[layer, b, h]) + int(q_len[layer, b, h])  # first quantized row to write
-        for x, axis, codes, scale, zero in ((k_new, "key", k_codes, k_scale, k_zero),
-                                            (v_new, "value", v_codes, v_scale, v_zero)):
-            ring = k_tail if axis == "key" else v_tail
-            rows = _pending_rows(ring[layer, b, h], hd, tl_, x[b, h], f)
-            c, s, z = (u[0, 0] for u in quantize(rows[None, None], bits, group_size, axis))
-            if axis == "key":
-                codes[row // F:(row + f) // F] = c
-                scale[row // group_size:(row + f) // group_size], zero[row // group_size:(row + f) // group_size] = s, z
-            else:
-                codes[row:row + f], scale[row:row + f], zero[row:row + f] = c, s, z
+        write_quantized(quantize, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, row, k_rows, v_rows, bits,
+                        group_size)
     if t:
         slots = (head + tail)[..., None] + torch.arange(t, device=k_new.device)  # [B, H, t]
         seg_idx = torch.arange(B * H, device=k_new.device)[:, None].expand(B * H, t)

@@ -232,6 +232,77 @@ def test_attention_poisoned_outputs_and_empty_layer(backend, monkeypatch):
     assert_lse_close(lse, lse_ref, 2e-5)
 
 
+WRAP_CASES = [
+    # dtype, case, G, D, bits, group, residual, scratch poisoned: fresh NaN-filled buffers every call
+    (torch.float32, "mixed", 3, 64, 2, 32, 8, True),
+    (torch.float16, "gqa4", 4, 128, 4, 32, 0, False),
+    (torch.bfloat16, "mixed", 3, 128, 2, 64, 16, False),
+]
+
+
+def rotate_rings(pool, layer, gen):
+    """Rotate every segment's ring of ``layer`` by its own random shift (t_head moves with it): the same
+    logical pool, with live tails that wrap around the ring's end. Appends from a build never wrap (the
+    slots they use are bounded by the slack), so this is how the wrapped paths get exercised."""
+    TC = pool.k_tail.shape[3]
+    B, H = pool.t_head.shape[1:]
+    tail = (pool.seg_len[layer] - pool.q_len[layer]).long()
+    # A head 1 .. tail - 1 slots before the end: the live rows straddle it (tails of 0 or 1 row: anywhere).
+    before_end = (torch.rand(B, H, generator=gen) * (tail - 1).clamp(min=1)).long() + 1
+    shift = torch.where(tail > 1, TC - before_end, torch.randint(0, TC, (B, H), generator=gen))
+    for b in range(B):
+        for h in range(H):
+            for ring in (pool.k_tail, pool.v_tail):
+                ring[layer, b, h] = torch.roll(ring[layer, b, h], int(shift[b, h]), dims=0)
+    pool.t_head[layer] = shift.to(torch.int32)
+
+
+@pytest.mark.skipif(CUDA, reason="the cpu backend runs on CPU tensors")
+@pytest.mark.parametrize("dtype,case,G,D,bits,gs,residual,poison", WRAP_CASES,
+                         ids=[f"{str(c[0])[6:]}-{c[1]}-D{c[3]}-b{c[4]}-g{c[5]}-R{c[6]}" for c in WRAP_CASES])
+def test_cpu_kernels_on_wrapped_rings(dtype, case, G, D, bits, gs, residual, poison, monkeypatch):
+    """The cpu append and attention against the reference on pools whose tails wrap around the ring: appends
+    of 1 .. group_size rows in both flush orders (flushes that read wrapped rows, new rows written across
+    the ring's end), attention with Lq = 1, 3 and Lq longer than some tails (causal rows that see part of
+    the quantized rows, or nothing), more segments than one block of the kernel, empty segments."""
+    from kvkernels.cpu import quant_pool as cpu_qp
+
+    if poison:  # every scratch element the kernel reads must have been written in the same call
+        monkeypatch.setattr(cpu_qp, "_SCRATCH_MAX", 0)
+        real_empty = torch.empty
+
+        def poisoned(*args, **kwargs):
+            t = real_empty(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+
+        monkeypatch.setattr(torch, "empty", poisoned)
+    keys, values, keep = make_kv(CASES[case], D, dtype, device="cpu")
+    ref = build("reference", keys, values, keep, bits, gs, residual, slack=2 * gs + 8)
+    got = build("reference", keys, values, keep, bits, gs, residual, slack=2 * gs + 8)
+    gen = torch.Generator().manual_seed(11)
+    for pool in (ref, got):
+        rotate_rings(pool, 1, torch.Generator().manual_seed(4))
+    TC = got.k_tail.shape[3]
+    assert ((got.t_head[1] + got.seg_len[1] - got.q_len[1]) > TC).any(), "no ring wraps: the test would not test it"
+    L, B, H = keep.shape[:3]
+    q_len0 = got.q_len.clone()
+    for step, t in enumerate((1, 3, gs - 1, 1, 1, 2, gs, 1)):
+        k = torch.randn(B, H, t, D, generator=gen).to(dtype)
+        v = torch.randn(B, H, t, D, generator=gen).to(dtype)
+        for pool, be in ((ref, "reference"), (got, "cpu")):
+            append(be, pool, 1, k, v, flush_after=step % 3 == 1)
+        for i, (a, b) in enumerate(zip(ref.buffers(), got.buffers())):
+            assert torch.equal(a, b), f"buffer {kvkernels.QuantPool._fields[i]} differs after append {step}"
+        for layer, Lq in ((1, 1), (1, 3), (0, 1 + step * 5)):
+            q = torch.randn(B, H * G, Lq, D, generator=gen).to(dtype)
+            o_ref, lse_ref = attend("reference", q, ref, layer)
+            o, lse = attend("cpu", q, got, layer)
+            assert o.dtype == dtype and o.shape == q.shape and torch.isfinite(o).all()
+            torch.testing.assert_close(o, o_ref, **TOL[dtype])
+            assert_lse_close(lse, lse_ref, 1e-3 if dtype != torch.float32 else 2e-5)
+    assert (got.q_len[1] > q_len0[1]).any(), "no flush happened"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Flush order, overflow, rollback
 
@@ -252,7 +323,7 @@ def test_flush_order_on_the_append_that_completes_a_group(backend):
         assert pool.q_len.item() == 32 and pool.seg_len.item() == 33
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_overflow_writes_nothing_and_raises(backend):
     keys, values, keep = make_kv(CASES["mixed"], 64, torch.float16)
     pool = build(backend, keys, values, keep, slack=4)
