@@ -67,6 +67,15 @@ def finite(op: str, name: str, t: Optional[torch.Tensor]) -> None:
                  f"(= {t[where].item()}); checking mode accepts finite values only")
 
 
+def at_most(op: str, name: str, t: torch.Tensor, bound_name: str, bound: torch.Tensor) -> None:
+    """``t <= bound`` elementwise (paired tables of one shape); the message names the first entry past it."""
+    over = t > bound
+    if bool(over.any()):
+        where = tuple(int(i) for i in over.nonzero()[0])
+        fail(op, f"{name}{list(where)} = {int(t[where])} > {bound_name}{list(where)} = {int(bound[where])}; "
+                 f"accepted: 0 <= {name} <= {bound_name}")
+
+
 def non_negative(op: str, name: str, t: torch.Tensor) -> None:
     if t.numel() and bool((t < 0).any()):
         where = tuple(int(i) for i in (t < 0).nonzero()[0])
@@ -135,11 +144,7 @@ def compact_kv(keys, values, keep, num_kept, slack) -> None:
 def ragged_append(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new) -> None:
     op = "ragged_append"
     segments_inside(op, seg_start, seg_cap, k_pool.shape[0], "seg_start", "seg_cap")
-    over = seg_len > seg_cap
-    if bool(over.any()):
-        where = tuple(int(i) for i in over.nonzero()[0])
-        fail(op, f"seg_len{list(where)} = {int(seg_len[where])} > seg_cap{list(where)} = {int(seg_cap[where])}; "
-                 f"accepted: 0 <= seg_len <= seg_cap")
+    at_most(op, "seg_len", seg_len, "seg_cap", seg_cap)
     non_negative(op, "seg_len", seg_len)
     segments_disjoint(op, seg_start, seg_cap, "seg_start", "seg_cap")
     finite(op, "k_new", k_new)
@@ -204,11 +209,7 @@ def _quant_segments(op: str, q_start, q_extent, extent_name: str, q_rows: int, s
     segments_disjoint(op, q_start, q_extent, "q_start", extent_name)
     non_negative(op, "seg_len", seg_len)
     if q_len is not None:
-        ahead = q_len > seg_len
-        if bool(ahead.any()):
-            where = tuple(int(i) for i in ahead.nonzero()[0])
-            fail(op, f"q_len{list(where)} = {int(q_len[where])} > seg_len{list(where)} = {int(seg_len[where])}; "
-                     f"accepted: 0 <= q_len <= seg_len")
+        at_most(op, "q_len", q_len, "seg_len", seg_len)
     non_negative(op, "t_head", t_head)
     past = t_head >= max(tail_rows, 1)
     if bool(past.any()):
@@ -230,11 +231,7 @@ def quant_pool_append(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail
                       t_head, seg_len, seg_cap, layer, k_new, v_new, bits, group_size, residual) -> None:
     op = "quant_pool_append"
     _quant_segments(op, q_start, q_cap, "q_cap", v_codes.shape[0], seg_len, t_head, k_tail.shape[-2], q_len)
-    over = seg_len > seg_cap
-    if bool(over.any()):
-        where = tuple(int(i) for i in over.nonzero()[0])
-        fail(op, f"seg_len{list(where)} = {int(seg_len[where])} > seg_cap{list(where)} = {int(seg_cap[where])}; "
-                 f"accepted: 0 <= seg_len <= seg_cap")
+    at_most(op, "seg_len", seg_len, "seg_cap", seg_cap)
     finite(op, "k_new", k_new)
     finite(op, "v_new", v_new)
 
