@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .ragged_attention import causal_self_flash
+
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _BLOCK_ELEMENTS = 1 << 22  # logits per (batch, KV head) in one block of pass 2 (16 MiB of fp32)
 _MIN_BLOCK = 64  # keys per block at least, however many query rows
@@ -40,8 +42,8 @@ def _row_lse(q_rows, k, k_self, sink_len, chunk_start, chunk_end, G, sm_scale) -
     keys = _context_keys(k, sink_len, chunk_start, chunk_end)
     _, lse_context = _flash(q_rows, keys, keys, scale=sm_scale)
     self_keys = k_self.float().reshape(S, 1, Lq, D)
-    self_keys = (self_keys if self_keys.stride(-1) == 1 else self_keys.contiguous()).expand(S, G, Lq, D)
-    _, lse_self = _flash(q_rows.view(S, G, Lq, D), self_keys, self_keys, is_causal=True, scale=sm_scale)
+    self_keys = self_keys if self_keys.stride(-1) == 1 else self_keys.contiguous()
+    _, lse_self = causal_self_flash(q_rows, self_keys, self_keys, G, sm_scale)
     return torch.logaddexp(lse_context.view(S, R), lse_self.reshape(S, R))
 
 

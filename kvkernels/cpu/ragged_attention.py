@@ -51,6 +51,15 @@ def causal_flash(q_rows, keys, values, first: int, total: int, Lq: int, G: int, 
     return o, lse.masked_fill(hidden.all(dim=1), float("-inf"))
 
 
+def causal_self_flash(q_rows: torch.Tensor, k_self: torch.Tensor, v_self: torch.Tensor, G: int, sm_scale: float):
+    """(o [S, G, Lq, D], lse [S, G, Lq]) of q_rows [S, 1, G*Lq, D] over a block's own Lq rows k_self/v_self
+    [S, 1, Lq, D] (channel stride 1): query row i sees self rows 0 .. i (one causal fused call; the G heads
+    share the rows through a stride-0 expand, not a copy)."""
+    S, _, Lq, D = k_self.shape
+    return _flash(q_rows.view(S, G, Lq, D), k_self.expand(S, G, Lq, D), v_self.expand(S, G, Lq, D), is_causal=True,
+                  scale=sm_scale)
+
+
 def context_then_causal_self(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_context: int,
                              sm_scale: float) -> torch.Tensor:
     """o [B, Hq, Lq, D] of q over k/v [B, Hkv, n_context + Lq, D]: every query row sees all context rows,
@@ -73,8 +82,7 @@ def context_then_causal_self(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     o_ctx, lse_ctx = _flash(q_rows, rows(k, 0, n_context), rows(v, 0, n_context), scale=sm_scale)
     k_self, v_self = rows(k, n_context, n_context + Lq), rows(v, n_context, n_context + Lq)
-    o_self, lse_self = _flash(q_rows.view(S, G, Lq, D), k_self.expand(S, G, Lq, D), v_self.expand(S, G, Lq, D),
-                              is_causal=True, scale=sm_scale)
+    o_self, lse_self = causal_self_flash(q_rows, k_self, v_self, G, sm_scale)
     lse_ctx = lse_ctx.view(S, G, Lq)
     lse = torch.logaddexp(lse_ctx, lse_self)
     o = o_ctx.view(S, G, Lq, D) * torch.exp(lse_ctx - lse)[..., None]
