@@ -103,17 +103,17 @@ def main(args: argparse.Namespace) -> int:
     if not shards.rows:
         print(f"no saved rows in {args.out}/{args.name}.shard-*.jsonl for these settings", file=sys.stderr)
         return 1
-    from .harness import count_questions, summarize
-    expected = count_questions(args.tasks, args.methods, args.ratios, args.contexts, args.questions,
-                               len(args.context_tokens))
+    from .harness import summarize
+    expected = _questions(args, args.contexts)
+    commands = shards.commands or [command]
     summary = summarize(shards.rows)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                 if k not in ("command", "shard", "merge_only")}
     stem = args.out / args.name
     report.write_csv(stem.with_suffix(".csv"), summary)
-    report.write_json(stem.with_suffix(".json"), shards.commands or [command], settings, summary, shards.rows,
+    report.write_json(stem.with_suffix(".json"), commands, settings, summary, shards.rows,
                       shards.compute_seconds, complete=len(shards.rows) == expected)
-    report.plot(stem.with_suffix(".png"), summary, title=(shards.commands or [command])[0])
+    report.plot(stem.with_suffix(".png"), summary, title=commands[0])
     print(format_table([s for s in summary if s["task"] == "all"]))
     status = "" if len(shards.rows) == expected else \
         f" INCOMPLETE: {len(shards.rows)} of {expected} answers (rerun the missing shards with the same command)"
@@ -121,6 +121,13 @@ def main(args: argparse.Namespace) -> int:
           f"{time.perf_counter() - t0:.0f}s, the saved contexts {shards.compute_seconds:.0f}s of compute "
           f"({shards.compute_seconds / 60:.1f} min)")
     return 0
+
+
+def _questions(args, n_contexts: int) -> int:
+    """Answers a run of these settings gives over ``n_contexts`` contexts per task and length."""
+    from .harness import count_questions
+    return count_questions(args.tasks, args.methods, args.ratios, n_contexts, args.questions,
+                           len(args.context_tokens))
 
 
 def _evaluate_shard(args, identity, log_path, command) -> None:
@@ -131,16 +138,14 @@ def _evaluate_shard(args, identity, log_path, command) -> None:
     from kvkernels.hf import load_smollm2
 
     from . import runlog
-    from .harness import count_questions, evaluate
+    from .harness import evaluate
 
     if args.threads:
         torch.set_num_threads(args.threads)
     writer = runlog.ShardWriter(log_path, identity, command)
-    total = count_questions(args.tasks, args.methods, args.ratios, args.contexts, args.questions,
-                            len(args.context_tokens))
     index, n_shards = args.shard
-    mine = sum(1 for i in range(args.contexts) if i % n_shards == index) / args.contexts
-    todo = round(total * mine) - writer.saved_rows
+    mine = sum(1 for i in range(args.contexts) if i % n_shards == index)
+    todo = _questions(args, mine) - writer.saved_rows
     if todo == 0:
         return  # everything of this shard is saved: nothing to load the model for
     model, tokenizer = load_smollm2(device=args.device)
