@@ -66,8 +66,9 @@ def context_then_causal_self(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     and self row j <= i (bottom-right causal over the whole key sequence).
 
     Two unmasked/causal fused calls merged by their log-sum-exps instead of one call with a dense
-    [Lq, n_context + Lq] mask, which the fused CPU kernel runs about twice as slowly (measured at 2K + 2K
-    rows). This is the shape of KVzip's reconstruction forward (``kvkernels.hf.attention``).
+    [Lq, n_context + Lq] mask, which the fused CPU kernel runs more slowly (its effect on compression time
+    is in the README's CPU performance table). This is the shape of KVzip's reconstruction forward
+    (``kvkernels.hf.attention``).
     """
     B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]

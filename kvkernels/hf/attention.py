@@ -109,8 +109,8 @@ def kvzip_capture_attention_forward(module: torch.nn.Module, query: torch.Tensor
     The reconstruction input sees every prefilled token and itself causally (batch 1, no padding: how
     :mod:`kvkernels.hf.scoring` runs it). On CPU, for a plain attention (no dropout, soft-capping or
     sliding window), that is computed as two fused calls merged by log-sum-exp
-    (:func:`kvkernels.cpu.ragged_attention.context_then_causal_self`), about twice as fast as SDPA with
-    the dense mask; elsewhere SDPA with transformers' mask.
+    (:func:`kvkernels.cpu.ragged_attention.context_then_causal_self`), faster than SDPA with the dense
+    mask; elsewhere SDPA with transformers' mask.
     """
     capture: Optional[ScoreCapture] = getattr(_local, "capture", None)
     if capture is None:
