@@ -341,6 +341,9 @@ def test_eval_command_writes_results_with_intervals_in_shards_and_resumes(smollm
     # A rerun of a finished shard evaluates nothing (the model is not even loaded) ...
     assert len(loads) == 2
     assert cli.main(parser.parse_args(base + ["--shard", "1/2"])) == 0 and len(loads) == 2
+    # ... nor does a resharded one: --shard 0/1 (every context) finds each saved by one of the two files.
+    assert cli.main(parser.parse_args(base + ["--shard", "0/1"])) == 0 and len(loads) == 2
+    assert json.load(open(tmp_path / "smoke.json"))["complete"]
     # ... and other settings into the same files are refused, naming the file.
     other = parser.parse_args([a if a != "0.5" else "0.4" for a in base] + ["--shard", "1/2"])
     assert cli.main(other) == 2

@@ -143,16 +143,19 @@ def _evaluate_shard(args, identity, log_path, command) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     writer = runlog.ShardWriter(log_path, identity, command)
+    saved = runlog.saved_contexts(args.out, args.name, identity)  # by any shard file, this one included
     index, n_shards = args.shard
-    mine = sum(1 for i in range(args.contexts) if i % n_shards == index)
-    todo = _questions(args, mine) - writer.saved_rows
+    mine = [(length, task, i) for length in args.context_tokens for task in args.tasks
+            for i in range(args.contexts) if i % n_shards == index]
+    per_context = _questions(args, 1) // (len(args.tasks) * len(args.context_tokens))
+    todo = per_context * sum(1 for key in mine if key not in saved)
     if todo == 0:
         return  # everything of this shard is saved: nothing to load the model for
     model, tokenizer = load_smollm2(device=args.device)
     with tqdm(total=todo, desc="eval", unit="q") as bar:
         evaluate(model, tokenizer, args.tasks, args.methods, args.ratios, args.contexts, args.context_tokens,
                  args.questions, args.seed, progress=bar.update, log=bar.write, shard=args.shard,
-                 done=writer.has, on_sample=writer.append)
+                 done=lambda *key: key in saved or writer.has(*key), on_sample=writer.append)
 
 
 def format_table(summary) -> str:

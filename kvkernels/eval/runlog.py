@@ -2,8 +2,8 @@
 
 A run of ``kvkernels eval`` can take hours on a CPU. Each finished context (all its settings and questions)
 is appended to ``OUT/NAME.shard-I-of-N.jsonl`` at once, so an interrupted run loses at most the context in
-progress, a rerun of the same command skips what is saved, and N processes (``--shard I/N``) can share one
-run. The first line of a file is the run's identity (the settings that decide which questions are asked and
+progress, a rerun skips what any shard file of the run holds, and N processes (``--shard I/N``) can share one
+run (the rest of a run can be resharded: ``--shard 0/4`` after ``0/2`` skips what ``0/2`` saved). The first line of a file is the run's identity (the settings that decide which questions are asked and
 how); rows are only ever merged with rows of the same identity.
 
 File lines: ``{"identity": {...}}`` first, then ``{"command": "..."}`` once per process that wrote to it,
@@ -97,6 +97,17 @@ class Shards:
     rows: List[Dict] = field(default_factory=list)
     commands: List[str] = field(default_factory=list)
     compute_seconds: float = 0.0
+
+
+def saved_contexts(out: Path, name: str, identity: Dict) -> set:
+    """The (length, task, index) of every context saved by any shard file of this run: a process started
+    with another shard count (to spread the rest of a run over more processes) skips them too."""
+    saved = set()
+    for path in sorted(out.glob(f"{name}.shard-*-of-*.jsonl")):
+        lines = _read_lines(path)
+        _check_identity(path, lines, identity)
+        saved.update(tuple(line["context"]) for line in lines if "context" in line)
+    return saved
 
 
 def read_shards(out: Path, name: str, identity: Dict) -> Shards:
