@@ -125,8 +125,8 @@ def _unravel(flat: int, shape: tuple) -> list[int]:
 # ---------------------------------------------------------------------------------------------------
 # One function per op, with the op's arguments (called by the op when checking is on)
 
-def kvzip_score(q, k, k_self, sink_len, chunk_start, chunk_end) -> None:
-    for name, t in (("q", q), ("k", k), ("k_self", k_self)):
+def kvzip_score(q, k, k_self, sink_len, chunk_start, chunk_end, row_lse=None) -> None:
+    for name, t in (("q", q), ("k", k), ("k_self", k_self), ("row_lse", row_lse)):
         finite("kvzip_score", name, t)
 
 

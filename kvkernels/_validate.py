@@ -80,7 +80,7 @@ def scale_value(op: str, sm_scale, D: int) -> float:
     return float(sm_scale)
 
 
-def check_kvzip_score(q, k, k_self, sink_len, chunk_start, chunk_end):
+def check_kvzip_score(q, k, k_self, sink_len, chunk_start, chunk_end, row_lse=None):
     op = "kvzip_score"
     tensor(op, "q", q, 4, FLOAT_DTYPES)
     tensor(op, "k", k, 4, (q.dtype,))
@@ -97,6 +97,10 @@ def check_kvzip_score(q, k, k_self, sink_len, chunk_start, chunk_end):
     integer(op, "sink_len", sink_len, 0)
     integer(op, "chunk_start", chunk_start, sink_len, None, "(chunk_start >= sink_len)")
     integer(op, "chunk_end", chunk_end, chunk_start + 1, N, "(chunk_start < chunk_end <= N)")
+    if row_lse is not None:
+        tensor(op, "row_lse", row_lse, 3, (torch.float32,))
+        same_device(op, q=q, row_lse=row_lse)
+        shape_is(op, "row_lse", row_lse, (B, Hq, Lq))
 
 
 def check_topk_mask(scores, k):

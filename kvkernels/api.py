@@ -14,7 +14,8 @@ import torch
 from . import ops as _k  # the ops (torch.ops.kvkernels.*), called without the dispatcher in plain eager mode
 
 
-def kvzip_score(q, k, k_self, sink_len: int, chunk_start: int, chunk_end: int, sm_scale: Optional[float] = None):
+def kvzip_score(q, k, k_self, sink_len: int, chunk_start: int, chunk_end: int, sm_scale: Optional[float] = None,
+                row_lse: Optional[torch.Tensor] = None):
     """KVzip reconstruction score of the chunk keys ``k[:, :, chunk_start:chunk_end]``.
 
     q [B, Hq, Lq, D] are the reconstruction queries (post-RoPE), k [B, Hkv, N, D] the cached keys,
@@ -22,8 +23,13 @@ def kvzip_score(q, k, k_self, sink_len: int, chunk_start: int, chunk_end: int, s
     sink keys ``k[..., :sink_len, :]`` ∪ the chunk keys ∪ ``k_self[..., :i+1, :]``.
     Returns fp32 [B, Hkv, chunk_end - chunk_start]: per key, the max over the G query heads of its KV
     head and over all Lq rows of the probability it receives. Requires sink_len <= chunk_start < chunk_end <= N.
+
+    ``row_lse`` fp32 [B, Hq, Lq], optional: the log-sum-exp of each query row's scaled logits over exactly
+    those keys, when the caller already has it (an attention over the same rows and keys computes it).
+    Every backend then takes the probability as ``exp(logit - row_lse)`` and skips its own LSE pass. It is not recomputed or checked against the keys: pass the
+    LSE over the keys above, not over the whole context, when the chunk does not cover all of it.
     """
-    return _k.kvzip_score(q, k, k_self, sink_len, chunk_start, chunk_end, sm_scale)
+    return _k.kvzip_score(q, k, k_self, sink_len, chunk_start, chunk_end, sm_scale, row_lse)
 
 
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -129,16 +129,17 @@ def kvzip_score(
     chunk_start: int,
     chunk_end: int,
     sm_scale: Optional[float] = None,
+    row_lse: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    V.check_kvzip_score(q, k, k_self, sink_len, chunk_start, chunk_end)
-    if _checks.enabled: _checks.kvzip_score(q, k, k_self, sink_len, chunk_start, chunk_end)
+    V.check_kvzip_score(q, k, k_self, sink_len, chunk_start, chunk_end, row_lse)
+    if _checks.enabled: _checks.kvzip_score(q, k, k_self, sink_len, chunk_start, chunk_end, row_lse)
     scale = V.scale_value("kvzip_score", sm_scale, q.shape[-1])
-    return _run("kvzip_score", q.device, q, k, k_self, sink_len, chunk_start, chunk_end, scale)
+    return _run("kvzip_score", q.device, q, k, k_self, sink_len, chunk_start, chunk_end, scale, row_lse)
 
 
 @kvzip_score.register_fake
-def _(q, k, k_self, sink_len, chunk_start, chunk_end, sm_scale=None):
-    V.check_kvzip_score(q, k, k_self, sink_len, chunk_start, chunk_end)
+def _(q, k, k_self, sink_len, chunk_start, chunk_end, sm_scale=None, row_lse=None):
+    V.check_kvzip_score(q, k, k_self, sink_len, chunk_start, chunk_end, row_lse)
     return q.new_empty(q.shape[0], k.shape[1], chunk_end - chunk_start, dtype=torch.float32)
 
 

@@ -21,23 +21,39 @@ TOL = {torch.float32: dict(rtol=1e-4, atol=2e-6), torch.float16: dict(rtol=1e-4,
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 and compiled kernels need a CUDA GPU")
 
 
-def naive_kvzip_score(q, k, k_self, sink_len, chunk_start, chunk_end, sm_scale):
-    """Explicit loops in float64: row i of query head h softmaxes over [sink; chunk; self 0..i]."""
+def naive_row_logits(q, k, k_self, sink_len, chunk_start, chunk_end, sm_scale):
+    """Yield (b, h, hk, i, logits) in float64: row i of query head h over [sink; chunk; self 0..i]."""
     B, Hq, Lq, D = q.shape
-    Hkv = k.shape[1]
-    G = Hq // Hkv
-    m = chunk_end - chunk_start
+    G = Hq // k.shape[1]
     q64, k64, s64 = q.double().cpu(), k.double().cpu(), k_self.double().cpu()
-    out = torch.zeros(B, Hkv, m, dtype=torch.float64)
     for b in range(B):
         for h in range(Hq):
             hk = h // G
             for i in range(Lq):
                 keys = torch.cat([k64[b, hk, :sink_len], k64[b, hk, chunk_start:chunk_end], s64[b, hk, : i + 1]])
-                logits = keys @ q64[b, h, i] * sm_scale
-                p = torch.exp(logits - logits.max())
-                p = p / p.sum()
-                out[b, hk] = torch.maximum(out[b, hk], p[sink_len : sink_len + m])
+                yield b, h, hk, i, keys @ q64[b, h, i] * sm_scale
+
+
+def naive_row_lse(q, k, k_self, sink_len, chunk_start, chunk_end, sm_scale):
+    """float64 [B, Hq, Lq]: each row's log-sum-exp over the keys it sees."""
+    lse = torch.zeros(q.shape[:3], dtype=torch.float64)
+    for b, h, _, i, logits in naive_row_logits(q, k, k_self, sink_len, chunk_start, chunk_end, sm_scale):
+        lse[b, h, i] = torch.logsumexp(logits, 0)
+    return lse
+
+
+def naive_kvzip_score(q, k, k_self, sink_len, chunk_start, chunk_end, sm_scale, row_lse=None):
+    """Explicit loops in float64: row i of query head h softmaxes over [sink; chunk; self 0..i] (normalised
+    by ``row_lse`` instead when it is given)."""
+    B, Hkv, m = q.shape[0], k.shape[1], chunk_end - chunk_start
+    out = torch.zeros(B, Hkv, m, dtype=torch.float64)
+    for b, h, hk, i, logits in naive_row_logits(q, k, k_self, sink_len, chunk_start, chunk_end, sm_scale):
+        if row_lse is None:
+            p = torch.exp(logits - logits.max())
+            p = p / p.sum()
+        else:
+            p = torch.exp(logits - row_lse[b, h, i].double().cpu())
+        out[b, hk] = torch.maximum(out[b, hk], p[sink_len : sink_len + m])
     return out
 
 
@@ -210,14 +226,44 @@ def test_compiled_kernel_on_a_realistic_chunk(dtype):
 
 @pytest.mark.parametrize("case", CASES[:3], ids=CASE_IDS[:3])
 def test_cpu_blocks_match_one_block(case, monkeypatch):
-    """The cpu kernel's pass over chunk keys in many small blocks gives the single-block answer."""
+    """The cpu kernel's pass over chunk keys and query rows in many small blocks gives the one-block answer."""
     from kvkernels.cpu import kvzip_score as cpu_mod
 
     B, Hq, Hkv, Lq, D, N, sink, cs, ce = case
     q, k, ks = make_inputs(B, Hq, Hkv, Lq, D, N, torch.float32, "cpu")
     whole = cpu_mod.kvzip_score(q, k, ks, sink, cs, ce, 0.1)
-    monkeypatch.setattr(cpu_mod, "_BLOCK_ELEMENTS", 1)
-    monkeypatch.setattr(cpu_mod, "_MIN_BLOCK", 8)  # blocks of 8 keys: several per chunk
+    monkeypatch.setattr(cpu_mod, "_KEYS_PER_BLOCK", 8)  # several key blocks per chunk, the last one partial
+    monkeypatch.setattr(cpu_mod, "_ROWS_PER_BLOCK", 4)  # several row blocks (G*Lq is 5, 21 and 12 here)
     blocked = cpu_mod.kvzip_score(q, k, ks, sink, cs, ce, 0.1)
-    torch.testing.assert_close(blocked, whole, rtol=0, atol=0)
+    torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(blocked, reference_kvzip_score(q, k, ks, sink, cs, ce, 0.1), **TOL[torch.float32])
+
+
+# ---------------------------------------------------------------------------------------------------
+# row_lse: the caller's log-sum-exp replaces each backend's own LSE pass
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_true_row_lse_gives_the_scores(case, dtype, backend, device, poisoned):
+    """The LSE an attention over the same rows would return: the scores are those computed without it."""
+    B, Hq, Hkv, Lq, D, N, sink, cs, ce = case
+    q, k, ks = make_inputs(B, Hq, Hkv, Lq, D, N, dtype, device)
+    scale = 1 / math.sqrt(D)
+    row_lse = naive_row_lse(q, k, ks, sink, cs, ce, scale).float().to(device)
+    got = run_op(backend, q, k, ks, sink, cs, ce, row_lse=row_lse)
+    torch.testing.assert_close(got.double().cpu(), naive_kvzip_score(q, k, ks, sink, cs, ce, scale), **TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CASES[:3], ids=CASE_IDS[:3])
+def test_row_lse_is_taken_as_given(case, dtype, backend, device, poisoned):
+    """An LSE that is not the true one (shifted by fresh random offsets per row) is used as given, not
+    recomputed: every backend gives exp(logit - row_lse), like the float64 loop."""
+    B, Hq, Hkv, Lq, D, N, sink, cs, ce = case
+    q, k, ks = make_inputs(B, Hq, Hkv, Lq, D, N, dtype, device)
+    row_lse = (naive_row_lse(q, k, ks, sink, cs, ce, 0.2) + torch.rand(B, Hq, Lq) * 2 - 0.5).float().to(device)
+    got = run_op(backend, q, k, ks, sink, cs, ce, 0.2, row_lse=row_lse)
+    want = naive_kvzip_score(q, k, ks, sink, cs, ce, 0.2, row_lse=row_lse)
+    assert (want - naive_kvzip_score(q, k, ks, sink, cs, ce, 0.2)).abs().max() > 1e-3  # the offsets matter
+    torch.testing.assert_close(got.double().cpu(), want, **TOL[dtype])

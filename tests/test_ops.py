@@ -38,6 +38,7 @@ def op_samples():
     keys, values, keep, num_kept, slack = small_pool()
     pool = kvkernels.compact_kv(keys, values, keep, num_kept, slack)
     yield "kvzip_score", (rand(1, 6, 5, 64), rand(1, 2, 40, 64), rand(1, 2, 5, 64), 4, 10, 27, None)
+    yield "kvzip_score", (rand(1, 6, 5, 64), rand(1, 2, 40, 64), rand(1, 2, 5, 64), 4, 10, 27, 0.1, rand(1, 6, 5))
     yield "topk_mask", (rand(3, 50), 7)
     yield "compact_kv", (keys, values, keep, num_kept, slack)
     yield "ragged_append", (*pool, 1, rand(1, 3, 2, 64), rand(1, 3, 2, 64))
@@ -154,6 +155,11 @@ BAD = [
      ValueError, r"k_self must have shape \(1, 2, 5, 64\)"),
     ("kvzip_score", lambda: kvkernels.kvzip_score(rand(1, 6, 5, 64), rand(1, 2, 40, 64), rand(1, 2, 5, 64), 0, 0, 8,
                                                   sm_scale=-1.0), ValueError, "sm_scale"),
+    ("kvzip_score", lambda: kvkernels.kvzip_score(rand(1, 6, 5, 64), rand(1, 2, 40, 64), rand(1, 2, 5, 64), 0, 0, 8,
+                                                  row_lse=rand(1, 6, 4)), ValueError, r"row_lse must have shape \(1, 6, 5\)"),
+    ("kvzip_score", lambda: kvkernels.kvzip_score(rand(1, 6, 5, 64), rand(1, 2, 40, 64), rand(1, 2, 5, 64), 0, 0, 8,
+                                                  row_lse=rand(1, 6, 5).double()), TypeError,
+     "row_lse has dtype torch.float64; accepted: float32"),
     ("topk_mask", lambda: kvkernels.topk_mask(rand(2, 5).half(), 2), TypeError, "scores has dtype torch.float16"),
     ("topk_mask", lambda: kvkernels.topk_mask(rand(10), 2), ValueError, "scores must have 2 dims"),
     ("topk_mask", lambda: kvkernels.topk_mask(rand(2, 5), -1), ValueError, "k = -1 is out of range"),

@@ -558,3 +558,26 @@ def test_context_then_causal_self_matches_masked_sdpa(dtype, G, D):
     got = context_then_causal_self(q, k, v, N, 0.1)
     assert got.dtype == dtype and got.shape == q.shape
     torch.testing.assert_close(got.float(), want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sink, start, end", [(4, 4, 37), (4, 4, 20), (3, 11, 30), (2, 9, 37)],
+                         ids=["one-chunk", "first-of-two", "middle", "last"])
+def test_context_then_causal_self_scored_lse(dtype, sink, start, end):
+    """With ``scored``, the same output as without, plus each row's LSE over [sink; chunk; self 0..i]: the
+    normaliser kvzip_score takes as row_lse (checked against logsumexp of the masked logits)."""
+    from kvkernels.cpu.ragged_attention import context_then_causal_self
+
+    gen = torch.Generator().manual_seed(5)
+    B, Hkv, G, N, Lq, D = 1, 3, 3, 37, 21, 64
+    q = torch.randn(B, Lq, Hkv * G, D, generator=gen).to(dtype).transpose(1, 2)
+    k, v = (torch.randn(B, Hkv, N + Lq, D, generator=gen).to(dtype) for _ in range(2))
+    o, row_lse = context_then_causal_self(q, k, v, N, 0.1, scored=(sink, start, end))
+    torch.testing.assert_close(o, context_then_causal_self(q, k, v, N, 0.1), **TOL[dtype])
+    seen = torch.zeros(Lq, N + Lq, dtype=torch.bool)
+    seen[:, :sink] = seen[:, start:end] = True
+    seen[:, N:] = torch.ones(Lq, Lq, dtype=torch.bool).tril()
+    logits = torch.einsum("bhid,bhjd->bhij", q.double(), k.double().repeat_interleave(G, dim=1)) * 0.1
+    want = torch.logsumexp(logits.masked_fill(~seen, float("-inf")), dim=-1)
+    assert row_lse.dtype == torch.float32 and row_lse.shape == (B, Hkv * G, Lq)
+    torch.testing.assert_close(row_lse.double(), want, rtol=1e-5, atol=1e-5)

@@ -8,22 +8,28 @@ product below serves a whole GQA group. Two passes, in fp32, never holding an [R
    once over the self keys with its own top-left causal mask (row i sees self keys 0..i, as here, since
    the self block has exactly Lq keys), merged with logaddexp. (The kernel also computes an output,
    which is discarded: it is still cheaper than a separate matmul + logsumexp, which take 5 passes.)
-2. For each block of chunk keys, ``exp(max over rows of (logit - lse))`` (exp is monotonic, so that is
-   the max probability) as ONE matrix product: the rows are ``[q * scale, -lse]`` and the keys
-   ``[k, 1]``, so the product is already ``logit - lse``; then one max over the rows.
-
-No [R x N] matrix beyond one block of ``_BLOCK_ELEMENTS`` logits per (batch, KV head) is allocated.
+   Skipped when the caller passes ``row_lse``: the reconstruction forward's own attention computes it
+   (:func:`kvkernels.cpu.ragged_attention.context_then_causal_self`), and this pass costs about as
+   much as that attention.
+2. For each block of chunk keys and block of rows, ``max over rows of (logit - lse)`` from one matrix
+   product (keys by rows, so the max runs along contiguous memory), then ``exp`` once per key (exp is
+   monotonic, so that is the max probability). Blocks of ``_KEYS_PER_BLOCK x _ROWS_PER_BLOCK`` logits
+   stay small enough to be reread from cache by the subtraction and the max.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
 from .ragged_attention import causal_self_flash
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
-_BLOCK_ELEMENTS = 1 << 22  # logits per (batch, KV head) in one block of pass 2 (16 MiB of fp32)
-_MIN_BLOCK = 64  # keys per block at least, however many query rows
+# Pass 2's block: 256 keys x 2048 rows = 2 MiB of fp32 logits per (batch, KV head), small enough for the
+# subtraction and the max to reread it from cache; the product's inner dimension is the head dim itself.
+_KEYS_PER_BLOCK = 256
+_ROWS_PER_BLOCK = 2048
 
 
 def _context_keys(k: torch.Tensor, sink_len: int, chunk_start: int, chunk_end: int) -> torch.Tensor:
@@ -47,6 +53,23 @@ def _row_lse(q_rows, k, k_self, sink_len, chunk_start, chunk_end, G, sm_scale) -
     return torch.logaddexp(lse_context.view(S, R), lse_self.reshape(S, R))
 
 
+def _max_logit_minus_lse(q_scaled, k, lse, chunk_start: int, chunk_end: int) -> torch.Tensor:
+    """fp32 [S, m]: per chunk key, max over the R rows of (q_scaled . key - lse); q_scaled [S, R, D]."""
+    S, R, D = q_scaled.shape
+    m = chunk_end - chunk_start
+    out = torch.full((S, m), float("-inf"))
+    q_t = q_scaled.transpose(1, 2)  # [S, D, R]: the product comes out [keys, rows]
+    for j in range(0, m, _KEYS_PER_BLOCK):
+        n = min(_KEYS_PER_BLOCK, m - j)
+        keys = k[:, :, chunk_start + j:chunk_start + j + n].float().reshape(S, n, D)
+        best = out[:, j:j + n]
+        for r in range(0, R, _ROWS_PER_BLOCK):
+            logits = torch.matmul(keys, q_t[:, :, r:r + _ROWS_PER_BLOCK])  # [S, n, rows]
+            logits.sub_(lse[:, None, r:r + _ROWS_PER_BLOCK])
+            torch.maximum(best, logits.amax(dim=2), out=best)
+    return out
+
+
 def kvzip_score(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -55,6 +78,7 @@ def kvzip_score(
     chunk_start: int,
     chunk_end: int,
     sm_scale: float,
+    row_lse: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """fp32 [B, Hkv, m]: max over the G query heads and Lq rows of the probability each chunk key receives."""
     B, Hq, Lq, D = q.shape
@@ -64,16 +88,9 @@ def kvzip_score(
     q_rows = q.float().reshape(S, 1, R, D)  # rows (g, i): query head hk*G + g, row i
     if q_rows.stride(-1) != 1:
         q_rows = q_rows.contiguous()
-    lse = _row_lse(q_rows, k, k_self, sink_len, chunk_start, chunk_end, G, sm_scale)
-    # [q * scale, -lse] . [key, 1] = logit - lse, in one product.
-    q_aug = torch.cat([q_rows.view(S, R, D) * sm_scale, -lse[..., None]], dim=-1)  # [S, R, D + 1]
-    m = chunk_end - chunk_start
-    out = torch.empty(S, m, dtype=torch.float32)
-    block = max(_MIN_BLOCK, _BLOCK_ELEMENTS // max(R, 1))
-    ones = q_aug.new_ones(S, min(block, m), 1)
-    for j in range(0, m, block):
-        n = min(block, m - j)
-        keys = k[:, :, chunk_start + j:chunk_start + j + n].float().reshape(S, n, D)
-        k_aug = torch.cat([keys, ones[:, :n]], dim=-1)  # [S, n, D + 1]
-        torch.amax(torch.matmul(q_aug, k_aug.transpose(1, 2)), dim=1, out=out[:, j:j + n])
-    return out.exp_().view(B, Hkv, m)
+    if row_lse is None:
+        lse = _row_lse(q_rows, k, k_self, sink_len, chunk_start, chunk_end, G, sm_scale)
+    else:
+        lse = row_lse.reshape(S, R)  # [B, Hq, Lq] holds the rows of KV head hk at hk*G*Lq .. in order
+    best = _max_logit_minus_lse(q_rows.view(S, R, D) * sm_scale, k, lse, chunk_start, chunk_end)
+    return best.exp_().view(B, Hkv, chunk_end - chunk_start)

@@ -20,6 +20,8 @@ the op stays opaque to torch.compile behind its custom-op registration.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -60,15 +62,19 @@ def causal_self_flash(q_rows: torch.Tensor, k_self: torch.Tensor, v_self: torch.
                   scale=sm_scale)
 
 
-def context_then_causal_self(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_context: int,
-                             sm_scale: float) -> torch.Tensor:
+def context_then_causal_self(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_context: int, sm_scale: float,
+                             scored: Optional[tuple[int, int, int]] = None):
     """o [B, Hq, Lq, D] of q over k/v [B, Hkv, n_context + Lq, D]: every query row sees all context rows,
     and self row j <= i (bottom-right causal over the whole key sequence).
 
-    Two unmasked/causal fused calls merged by their log-sum-exps instead of one call with a dense
-    [Lq, n_context + Lq] mask, which the fused CPU kernel runs more slowly (its effect on compression time
-    is in the README's CPU performance table). This is the shape of KVzip's reconstruction forward
-    (``kvkernels.hf.attention``).
+    Fused calls over pieces of the keys (the context unmasked, the self rows causally) merged by their
+    log-sum-exps, instead of one call with a dense [Lq, n_context + Lq] mask, which the fused CPU kernel
+    runs more slowly (its effect on compression time is in the README's CPU performance table). This is
+    the shape of KVzip's reconstruction forward (``kvkernels.hf.attention``).
+
+    ``scored = (sink_len, chunk_start, chunk_end)``: also return fp32 [B, Hq, Lq], each row's log-sum-exp
+    over [sink; chunk; self 0..i], the normaliser of ``kvzip_score`` for that chunk (its ``row_lse``).
+    The context is then attended in pieces split at those bounds, so that LSE costs no extra pass.
     """
     B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]
@@ -81,14 +87,33 @@ def context_then_causal_self(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         out = x[:, :, lo:hi].reshape(S, 1, hi - lo, D)
         return out if out.stride(-1) == 1 else out.contiguous()
 
-    o_ctx, lse_ctx = _flash(q_rows, rows(k, 0, n_context), rows(v, 0, n_context), scale=sm_scale)
-    k_self, v_self = rows(k, n_context, n_context + Lq), rows(v, n_context, n_context + Lq)
-    o_self, lse_self = causal_self_flash(q_rows, k_self, v_self, G, sm_scale)
-    lse_ctx = lse_ctx.view(S, G, Lq)
-    lse = torch.logaddexp(lse_ctx, lse_self)
-    o = o_ctx.view(S, G, Lq, D) * torch.exp(lse_ctx - lse)[..., None]
-    o.addcmul_(o_self, torch.exp(lse_self - lse)[..., None])
-    return o.view(B, Hq, Lq, D).to(q.dtype)
+    def attend(lo, hi):  # (o [S, G, Lq, D], lse [S, G, Lq]) over context rows lo .. hi - 1
+        o, lse = _flash(q_rows, rows(k, lo, hi), rows(v, lo, hi), scale=sm_scale)
+        return o.view(S, G, Lq, D), lse.view(S, G, Lq)
+
+    own = causal_self_flash(q_rows, rows(k, n_context, n_context + Lq), rows(v, n_context, n_context + Lq),
+                            G, sm_scale)
+    if scored is None:
+        o, _ = _merge([attend(0, n_context), own])
+        return o.view(B, Hq, Lq, D).to(q.dtype)
+    sink_len, chunk_start, chunk_end = scored
+    scored_ranges = [(0, chunk_end)] if sink_len == chunk_start else [(0, sink_len), (chunk_start, chunk_end)]
+    other_ranges = [(sink_len, chunk_start), (chunk_end, n_context)]
+    scored_parts = [attend(lo, hi) for lo, hi in scored_ranges if hi > lo] + [own]
+    other_parts = [attend(lo, hi) for lo, hi in other_ranges if hi > lo]
+    o, _ = _merge(scored_parts + other_parts)
+    row_lse = torch.logsumexp(torch.stack([lse for _, lse in scored_parts]), dim=0)
+    return o.view(B, Hq, Lq, D).to(q.dtype), row_lse.view(B, Hq, Lq)
+
+
+def _merge(parts):
+    """(o fp32, lse) of one softmax over the union of key sets, from each set's (o, lse) (no set empty)."""
+    lse = torch.logsumexp(torch.stack([part_lse for _, part_lse in parts]), dim=0)
+    (first_o, first_lse), rest = parts[0], parts[1:]
+    o = first_o * torch.exp(first_lse - lse)[..., None]
+    for part_o, part_lse in rest:
+        o.addcmul_(part_o, torch.exp(part_lse - lse)[..., None])
+    return o, lse
 
 
 def _equal_length_runs(starts: list[int], lens: list[int]):

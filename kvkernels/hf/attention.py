@@ -89,17 +89,21 @@ class ScoreCapture:
         self.context_len = scores.shape[-1]
         self.chunk: Optional[tuple[int, int]] = None
 
-    def consume(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> None:
-        start, end = self.chunk
+    def check_keys(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> None:
         n = self.context_len
         if key.shape[2] != n + query.shape[2]:
             raise RuntimeError(f"KVzip capture: layer {layer_idx} sees {key.shape[2]} keys, expected the "
                                f"{n} prefilled ones plus {query.shape[2]} reconstruction tokens")
-        k_self = key[:, :, n:].contiguous()
+
+    def consume(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, sm_scale: float,
+                row_lse: Optional[torch.Tensor] = None) -> None:
+        """Score this chunk's keys in layer ``layer_idx`` (keys already checked by :meth:`check_keys`)."""
+        start, end = self.chunk
+        k_self = key[:, :, self.context_len:].contiguous()
         # The whole key tensor goes in as ``k``: the op only reads the sink and the chunk columns, and
         # passing it avoids copying the context keys per layer per chunk.
         self.scores[layer_idx, :, :, start:end] = kvkernels.kvzip_score(
-            query.contiguous(), key.contiguous(), k_self, self.sink_len, start, end)
+            query.contiguous(), key.contiguous(), k_self, self.sink_len, start, end, sm_scale, row_lse)
 
 
 def kvzip_capture_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -108,21 +112,26 @@ def kvzip_capture_attention_forward(module: torch.nn.Module, query: torch.Tensor
 
     The reconstruction input sees every prefilled token and itself causally (batch 1, no padding: how
     :mod:`kvkernels.hf.scoring` runs it). On CPU, for a plain attention (no dropout, soft-capping or
-    sliding window), that is computed as two fused calls merged by log-sum-exp
+    sliding window), that is computed as fused calls merged by log-sum-exp
     (:func:`kvkernels.cpu.ragged_attention.context_then_causal_self`), faster than SDPA with the dense
-    mask; elsewhere SDPA with transformers' mask.
+    mask, and those calls also give ``kvzip_score`` its row LSE (``row_lse``), sparing it a pass;
+    elsewhere SDPA with transformers' mask, and ``kvzip_score`` computes its own LSE. Scores and
+    attention use the layer's own scaling.
     """
     capture: Optional[ScoreCapture] = getattr(_local, "capture", None)
     if capture is None:
         raise RuntimeError(f"attention implementation {KVZIP_CAPTURE_ATTENTION!r} runs only inside "
                            "kvkernels.hf.scoring (no active ScoreCapture)")
-    capture.consume(module.layer_idx, query, key)
+    capture.check_keys(module.layer_idx, query, key)
+    scaling = kwargs.get("scaling")
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if _plain_cpu_attention(module, query, kwargs):
         from kvkernels.cpu.ragged_attention import context_then_causal_self
-        scaling = kwargs.get("scaling")
-        o = context_then_causal_self(query, key, value, capture.context_len,
-                                     query.shape[-1] ** -0.5 if scaling is None else scaling)
+        o, row_lse = context_then_causal_self(query, key, value, capture.context_len, scale,
+                                              scored=(capture.sink_len, *capture.chunk))
+        capture.consume(module.layer_idx, query, key, scale, row_lse)
         return o.transpose(1, 2).contiguous(), None
+    capture.consume(module.layer_idx, query, key, scale)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

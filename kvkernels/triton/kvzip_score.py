@@ -12,7 +12,8 @@ Pass 1 - ``_lse_kernel``, grid ``(cdiv(G*Lq, BLOCK_M), B*Hkv)``:
     max/sum over three key ranges read in place from their tensors (no concatenation): the chunk
     ``k[chunk_start:chunk_end]`` first (never empty, so every row's running max is finite before
     the possibly all-masked causal tiles), then the sink ``k[:sink_len]``, then ``k_self`` with the
-    causal mask ``j <= i``. It stores the base-2 LSE of every row.
+    causal mask ``j <= i``. It stores the base-2 LSE of every row. Skipped when the caller passes
+    ``row_lse`` (the LSE its own attention over these rows computed).
 
 Pass 2 - ``_colmax_kernel``, grid ``(cdiv(m, BLOCK_N), B*Hkv)``:
     One program owns BLOCK_N chunk keys of one KV head, keeps them in registers, and loops over all
@@ -192,8 +193,10 @@ def _empty(*shape, dtype, device):
     return torch.empty(*shape, dtype=dtype, device=device)
 
 
-def kvzip_score(q, k, k_self, sink_len, chunk_start, chunk_end, sm_scale, *, config=None):
-    """Same contract as :func:`kvkernels.reference.kvzip_score.kvzip_score`; fp32 [B, Hkv, m]."""
+def kvzip_score(q, k, k_self, sink_len, chunk_start, chunk_end, sm_scale, row_lse=None, *, config=None):
+    """Same contract as :func:`kvkernels.reference.kvzip_score.kvzip_score`; fp32 [B, Hkv, m].
+
+    With ``row_lse`` (natural log) given, pass 1 is skipped: pass 2 reads it converted to base 2."""
     B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
@@ -208,13 +211,16 @@ def kvzip_score(q, k, k_self, sink_len, chunk_start, chunk_end, sm_scale, *, con
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     scale_log2 = float(sm_scale) * LOG2E
 
-    lse = _empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
     out = _empty(B, Hkv, m, dtype=torch.float32, device=q.device)
-    _lse_kernel[(triton.cdiv(G * Lq, block_m), B * Hkv)](
-        q, k, k_self, lse, *q.stride(), *k.stride(), *k_self.stride(),
-        Hkv, G, Lq, D, sink_len, chunk_start, chunk_end, scale_log2,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision, **launch,
-    )
+    if row_lse is not None:
+        lse = (row_lse * LOG2E).contiguous()  # a new [B, Hq, Lq] tensor: the layout pass 2 reads
+    else:
+        lse = _empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
+        _lse_kernel[(triton.cdiv(G * Lq, block_m), B * Hkv)](
+            q, k, k_self, lse, *q.stride(), *k.stride(), *k_self.stride(),
+            Hkv, G, Lq, D, sink_len, chunk_start, chunk_end, scale_log2,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision, **launch,
+        )
     _colmax_kernel[(triton.cdiv(m, block_n), B * Hkv)](
         q, k, lse, out, *q.stride(), *k.stride(),
         Hkv, G, Lq, D, chunk_start, chunk_end, scale_log2,
