@@ -109,16 +109,21 @@ def test_reference_matches_naive_float64(case, dtype):
 
 # ---------------------------------------------------------------------------------------------------
 # every backend vs naive float64 and vs the reference
+@pytest.mark.parametrize("given_lse", [False, True], ids=["own-lse", "true-row-lse"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_backend_matches_naive_float64(case, dtype, backend, device, poisoned):
+def test_backend_matches_naive_float64(case, dtype, backend, given_lse, device, poisoned):
+    """Also with ``row_lse`` = the LSE an attention over the same rows would return (each backend then skips
+    its own LSE pass): the scores are the same."""
     B, Hq, Hkv, Lq, D, N, sink, cs, ce = case
     q, k, ks = make_inputs(B, Hq, Hkv, Lq, D, N, dtype, device)
-    got = run_op(backend, q, k, ks, sink, cs, ce)
+    scale = 1 / math.sqrt(D)
+    row_lse = naive_row_lse(q, k, ks, sink, cs, ce, scale).float().to(device) if given_lse else None
+    got = run_op(backend, q, k, ks, sink, cs, ce, row_lse=row_lse)
     assert got.dtype == torch.float32 and got.shape == (B, Hkv, ce - cs)
     assert torch.isfinite(got).all()
-    want = naive_kvzip_score(q, k, ks, sink, cs, ce, 1 / math.sqrt(D))
+    want = naive_kvzip_score(q, k, ks, sink, cs, ce, scale)
     torch.testing.assert_close(got.double().cpu(), want, **TOL[dtype])
 
 
@@ -240,20 +245,7 @@ def test_cpu_blocks_match_one_block(case, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------
-# row_lse: the caller's log-sum-exp replaces each backend's own LSE pass
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_true_row_lse_gives_the_scores(case, dtype, backend, device, poisoned):
-    """The LSE an attention over the same rows would return: the scores are those computed without it."""
-    B, Hq, Hkv, Lq, D, N, sink, cs, ce = case
-    q, k, ks = make_inputs(B, Hq, Hkv, Lq, D, N, dtype, device)
-    scale = 1 / math.sqrt(D)
-    row_lse = naive_row_lse(q, k, ks, sink, cs, ce, scale).float().to(device)
-    got = run_op(backend, q, k, ks, sink, cs, ce, row_lse=row_lse)
-    torch.testing.assert_close(got.double().cpu(), naive_kvzip_score(q, k, ks, sink, cs, ce, scale), **TOL[dtype])
-
-
+# row_lse: the caller's log-sum-exp replaces each backend's own LSE pass (the true one: above)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", CASES[:3], ids=CASE_IDS[:3])
