@@ -143,7 +143,7 @@ def _evaluate_shard(args, identity, log_path, command) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     writer = runlog.ShardWriter(log_path, identity, command)
-    saved = runlog.saved_contexts(args.out, args.name, identity)  # by any shard file, this one included
+    saved = runlog.read_shards(args.out, args.name, identity).contexts  # by any shard file, this one included
     index, n_shards = args.shard
     mine = [(length, task, i) for length in args.context_tokens for task in args.tasks
             for i in range(args.contexts) if i % n_shards == index]
@@ -155,7 +155,7 @@ def _evaluate_shard(args, identity, log_path, command) -> None:
     with tqdm(total=todo, desc="eval", unit="q") as bar:
         evaluate(model, tokenizer, args.tasks, args.methods, args.ratios, args.contexts, args.context_tokens,
                  args.questions, args.seed, progress=bar.update, log=bar.write, shard=args.shard,
-                 done=lambda *key: key in saved or writer.has(*key), on_sample=writer.append)
+                 done=lambda *key: key in saved, on_sample=writer.append)
 
 
 def format_table(summary) -> str:

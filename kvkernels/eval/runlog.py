@@ -58,33 +58,23 @@ def _check_identity(path: Path, lines: List[Dict], identity: Dict) -> None:
 
 
 class ShardWriter:
-    """Appends finished contexts to one shard's file; knows which contexts the file already holds."""
+    """Appends finished contexts to one shard's file (which contexts are saved: :func:`read_shards`)."""
 
     def __init__(self, path: Path, identity: Dict, command: str):
         self.path = path
-        self.saved = set()
-        self.saved_rows = 0
         if path.exists():
             lines = _read_lines(path)
             _check_identity(path, lines, identity)
-            for line in lines:
-                if "context" in line:
-                    self.saved.add(tuple(line["context"]))
-                    self.saved_rows += len(line["rows"])
             # Rewrite without a torn last line, if the previous process left one.
             path.write_text("".join(json.dumps(line) + "\n" for line in lines))
         else:
             path.write_text(json.dumps({"identity": identity}) + "\n")
         self._write({"command": command})
 
-    def has(self, length: int, task: str, index: int) -> bool:
-        return (length, task, index) in self.saved
-
     def append(self, rows: List[Dict], seconds: float) -> None:
         first = rows[0]
         key = (first["length"], first["task"], first["context"])
         self._write({"context": list(key), "seconds": round(seconds, 1), "rows": rows})
-        self.saved.add(key)
 
     def _write(self, line: Dict) -> None:
         with open(self.path, "a") as f:
@@ -97,34 +87,24 @@ class Shards:
     rows: List[Dict] = field(default_factory=list)
     commands: List[str] = field(default_factory=list)
     compute_seconds: float = 0.0
-
-
-def saved_contexts(out: Path, name: str, identity: Dict) -> set:
-    """The (length, task, index) of every context saved by any shard file of this run: a process started
-    with another shard count (to spread the rest of a run over more processes) skips them too."""
-    saved = set()
-    for path in sorted(out.glob(f"{name}.shard-*-of-*.jsonl")):
-        lines = _read_lines(path)
-        _check_identity(path, lines, identity)
-        saved.update(tuple(line["context"]) for line in lines if "context" in line)
-    return saved
+    contexts: set = field(default_factory=set)  # (length, task, index) of every saved context
 
 
 def read_shards(out: Path, name: str, identity: Dict) -> Shards:
     """Every saved context of every shard file of this run (all must have this identity).
 
-    A context saved by two files (the run was resharded) counts once.
+    A context saved by two files (the run was resharded) counts once. ``contexts`` lets a process started
+    with another shard count (to spread the rest of a run over more processes) skip what any file holds.
     """
     shards = Shards()
-    seen = set()
     for path in sorted(out.glob(f"{name}.shard-*-of-*.jsonl")):
         lines = _read_lines(path)
         _check_identity(path, lines, identity)
         for line in lines:
             if "command" in line and line["command"] not in shards.commands:
                 shards.commands.append(line["command"])
-            if "context" in line and tuple(line["context"]) not in seen:
-                seen.add(tuple(line["context"]))
+            if "context" in line and tuple(line["context"]) not in shards.contexts:
+                shards.contexts.add(tuple(line["context"]))
                 shards.rows.extend(line["rows"])
                 shards.compute_seconds += line["seconds"]
     return shards
