@@ -129,10 +129,11 @@ def check_compact_kv(keys, values, keep, num_kept, slack):
     integer(op, "slack", slack, 0)
 
 
-# Decode-path fast checks: ragged_append and ragged_attention run once per layer per decoded token, so
-# their checks first try one boolean expression that holds exactly when every detailed check below
-# passes (no per-check function calls); only when it fails do the detailed checks run, to name the
-# argument in the error. Each predicate must imply its detailed check: keep the two in step.
+# Decode-path fast checks: ragged_append, ragged_attention and the quantized pool's append and attention run
+# once per layer per decoded token, so their checks first try one boolean expression that holds exactly
+# when every detailed check below passes (no per-check function calls); only when it fails do the detailed
+# checks run, to name the argument in the error. Each predicate must imply its detailed check: keep the
+# two in step (tests/test_ops.py::test_fast_checks_imply_detailed_checks).
 _T = torch.Tensor
 
 
@@ -149,6 +150,62 @@ def _append_ok(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new)
             and k_new.shape == (table[1], table[2], k_new.shape[2], shape[1]) and v_new.shape == k_new.shape
             and v_pool.device == dev and seg_start.device == dev and seg_len.device == dev
             and seg_cap.device == dev and k_new.device == dev and v_new.device == dev)
+
+
+def _quant_buffers_ok(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, bits, group_size,
+                      tail_dims) -> bool:
+    """Fast form of check_kivi_params + quant_pool_buffers."""
+    if not (type(k_codes) is _T and type(k_scale) is _T and type(k_zero) is _T and type(v_codes) is _T
+            and type(v_scale) is _T and type(v_zero) is _T and type(k_tail) is _T and type(v_tail) is _T
+            and type(bits) is int and bits in KIVI_BITS and type(group_size) is int and group_size in KIVI_GROUPS):
+        return False
+    shape, dt, dev = k_tail.shape, k_tail.dtype, k_tail.device
+    if not (len(shape) == tail_dims and dt in FLOAT_DTYPES and v_tail.dtype == dt and v_tail.shape == shape
+            and shape[-1] in HEAD_DIMS and v_codes.dim() == 2):
+        return False
+    D, F, gs, Q = shape[-1], 32 // bits, group_size, v_codes.shape[0]
+    return (Q % gs == 0 and v_codes.dtype == torch.int32 and k_codes.dtype == torch.int32
+            and v_codes.shape == (Q, D // F) and k_codes.shape == (Q // F, D)
+            and k_scale.dtype == dt and k_zero.dtype == dt and v_scale.dtype == dt and v_zero.dtype == dt
+            and k_scale.shape == (Q // gs, D) and k_zero.shape == (Q // gs, D)
+            and v_scale.shape == (Q, D // gs) and v_zero.shape == (Q, D // gs)
+            and k_codes.device == dev and k_scale.device == dev and k_zero.device == dev and v_codes.device == dev
+            and v_scale.device == dev and v_zero.device == dev and v_tail.device == dev)
+
+
+def _tables_ok(table, dev, q_start, *int32_tables) -> bool:
+    """q_start int64 and the others int32, all of shape ``table`` on ``dev`` (plain tensors)."""
+    return (type(q_start) is _T and q_start.dtype == torch.int64 and q_start.shape == table
+            and q_start.device == dev
+            and all(type(t) is _T and t.dtype == torch.int32 and t.shape == table and t.device == dev
+                    for t in int32_tables))
+
+
+def _quant_append_ok(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, q_cap,
+                     t_head, seg_len, seg_cap, layer, k_new, v_new, bits, group_size, residual) -> bool:
+    if not (_quant_buffers_ok(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, bits, group_size, 5)
+            and type(residual) is int and residual >= 0 and type(layer) is int
+            and type(k_new) is _T and type(v_new) is _T):
+        return False
+    L, B, H, TC, D = k_tail.shape
+    dt, dev = k_tail.dtype, k_tail.device
+    return (D % group_size == 0 and 0 <= layer < L and _tables_ok((L, B, H), dev, q_start, q_len, q_cap, t_head,
+                                                                   seg_len, seg_cap)
+            and k_new.dtype == dt and v_new.dtype == dt and k_new.dim() == 4
+            and k_new.shape == (B, H, k_new.shape[2], D) and v_new.shape == k_new.shape
+            and k_new.device == dev and v_new.device == dev)
+
+
+def _quant_attention_ok(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len,
+                        t_head, seg_len, bits, group_size) -> bool:
+    if not (type(q) is _T and q.dim() == 4 and
+            _quant_buffers_ok(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, bits, group_size, 4)):
+        return False
+    B, Hq, Lq, D = q.shape
+    Bt, H, TC, Dt = k_tail.shape
+    dev = k_tail.device
+    return (q.dtype == k_tail.dtype and D == Dt and Lq >= 1 and Bt == B and H > 0 and Hq % H == 0
+            and q.device == dev and _tables_ok((B, H), dev, q_start, q_len, t_head, seg_len))
 
 
 def _attention_ok(q, k_pool, v_pool, seg_start, seg_len) -> bool:
@@ -400,6 +457,9 @@ def check_quant_pool_build(k_pool, v_pool, seg_start, seg_len, bits, group_size,
 
 def check_quant_pool_append(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len,
                             q_cap, t_head, seg_len, seg_cap, layer, k_new, v_new, bits, group_size, residual):
+    if _quant_append_ok(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, q_cap,
+                        t_head, seg_len, seg_cap, layer, k_new, v_new, bits, group_size, residual):
+        return
     op = "quant_pool_append"
     check_kivi_params(op, bits, group_size)
     Q, D, TC = quant_pool_buffers(op, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, bits,
@@ -420,6 +480,9 @@ def check_quant_pool_append(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
 
 def check_quant_pool_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len,
                                t_head, seg_len, bits, group_size):
+    if _quant_attention_ok(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len,
+                           t_head, seg_len, bits, group_size):
+        return
     op = "quant_pool_attention"
     tensor(op, "q", q, 4, FLOAT_DTYPES)
     check_kivi_params(op, bits, group_size)

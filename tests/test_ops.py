@@ -288,3 +288,57 @@ def test_fake_output_strides_match_real_for_strided_inputs(name):
         args = (_strided_q(1, 3, 2, 64),) + kivi_inputs(Lq=2)[1:]
     assert not args[0].is_contiguous()
     torch.library.opcheck(getattr(torch.ops.kvkernels, name).default, args)
+
+
+def _mutations(arg):
+    """Variants of one valid argument, most of them invalid: other dtypes, shapes and devices for a tensor,
+    out-of-range values and a bool for an int."""
+    if isinstance(arg, torch.Tensor):
+        other = {torch.float32: torch.float64, torch.int32: torch.int64, torch.int64: torch.int32}
+        yield arg.to(other.get(arg.dtype, torch.float32))
+        yield arg.unsqueeze(-1)
+        yield arg.to("meta")
+        if arg.dim() and arg.shape[0] > 1:
+            yield arg[1:]
+        if arg.dim() > 1 and arg.shape[-1] > 1:
+            yield arg[..., 1:]
+    elif isinstance(arg, int) and not isinstance(arg, bool):
+        yield from (-1, 3, 10 ** 6, True, float(arg))
+
+
+def _fast_check_cases():
+    from kvkernels import _validate as V
+
+    keys, values, keep, num_kept, slack = small_pool()
+    pool = kvkernels.compact_kv(keys, values, keep, num_kept, slack)
+    yield (V._append_ok, V.check_ragged_append, (*pool, 1, rand(1, 3, 2, 64), rand(1, 3, 2, 64)))
+    yield (V._attention_ok, V.check_ragged_attention,
+           (rand(1, 9, 1, 64), pool.k_pool, pool.v_pool, pool.seg_start[0], pool.seg_len[0]))
+    qp = kvkernels.quant_pool_from_kv(keys, values, keep, 2, 32, 4, 8)
+    yield (V._quant_append_ok, V.check_quant_pool_append,
+           (*qp.buffers()[:6], qp.k_tail, qp.v_tail, qp.q_start, qp.q_len, qp.q_cap, qp.t_head, qp.seg_len,
+            qp.seg_cap, 1, rand(1, 3, 1, 64), rand(1, 3, 1, 64), 2, 32, 4))
+    yield (V._quant_attention_ok, V.check_quant_pool_attention,
+           (rand(1, 9, 1, 64), *qp.buffers()[:6], qp.k_tail[1], qp.v_tail[1], qp.q_start[1], qp.q_len[1],
+            qp.t_head[1], qp.seg_len[1], 2, 32))
+
+
+@pytest.mark.parametrize("case", range(4), ids=["ragged_append", "ragged_attention", "quant_pool_append",
+                                                "quant_pool_attention"])
+def test_fast_checks_imply_detailed_checks(case, monkeypatch):
+    """The decode path's one-expression checks accept valid input, and accept no variant (wrong dtype, shape,
+    device, range, type of any one argument) that the detailed check rejects."""
+    fast, check, args = list(_fast_check_cases())[case]
+    assert fast(*args), "the fast check rejects valid input"
+    monkeypatch.setattr(kvkernels._validate, fast.__name__, lambda *a: False)  # run the detailed checks only
+    check(*args)
+    rejected = 0
+    for i, arg in enumerate(args):
+        for bad in _mutations(arg):
+            mutated = (*args[:i], bad, *args[i + 1:])
+            try:
+                check(*mutated)
+            except (TypeError, ValueError):
+                rejected += 1
+                assert not fast(*mutated), f"the fast check accepts argument {i} = {bad!r:.80}, which is invalid"
+    assert rejected >= len(args), "too few invalid variants: the test would not test the fast check"

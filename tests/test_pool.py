@@ -7,6 +7,8 @@ ragged_append starts from pools whose slack rows hold NaN, which catches rows wr
 should not be.
 """
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -105,8 +107,17 @@ def run_compact(backend, keys, values, keep, slack):
     return pool
 
 
+# The cpu backend's append runs the compiled kernel (kvkernels/cpu/native) when it is built; "cpu-eager" is
+# the same backend with it forced off (the PyTorch path that runs without a C++ compiler).
+APPEND_BACKENDS = BACKENDS + ["cpu-eager"]
+
+
 def run_append(backend, pool, layer, k_new, v_new):
-    with kvkernels.use_backend(backend):
+    from kvkernels.cpu import native
+
+    eager = backend == "cpu-eager"
+    backend = "cpu" if eager else backend
+    with kvkernels.use_backend(backend), native.forced(False) if eager else contextlib.nullcontext():
         try:
             kvkernels.ragged_append(pool, layer, k_new, v_new)
         finally:
@@ -257,7 +268,7 @@ def test_reference_append_matches_naive(case, dtype):
         assert_pool_equals(pool, want)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", APPEND_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", APPEND_CASES, ids=APPEND_IDS)
 def test_append_matches_naive(case, dtype, backend, device):
@@ -273,7 +284,7 @@ def test_append_matches_naive(case, dtype, backend, device):
     assert torch.equal(pool.seg_len[last], pool.seg_cap[last])  # the last append filled its layer exactly
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", APPEND_BACKENDS)
 def test_overflow_writes_nothing_and_raises(backend, device):
     """One segment of the layer lacks room: PoolOverflowError, and no segment of it is written."""
     pool = poisoned_pool(2, 2, 3, 15, 64, 3, torch.float32, device)
@@ -439,7 +450,7 @@ def test_deferred_append_replays_in_a_cuda_graph():
         mod.check_overflow(device)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", APPEND_BACKENDS)
 def test_append_into_strided_pool_views(backend, device):
     """Review fix: the pools are mutated in place, so the Triton kernel must honour their channel stride.
 
@@ -486,3 +497,19 @@ def test_compact_grids_fit_cuda_axis_limits(monkeypatch):
     assert {name for name, _ in log} == {"_count_tiles_kernel", "_zero_slack_kernel", "_gather_kernel"}
     for name, grid in log:
         assert all(g <= 65535 for g in grid[1:]), f"{name}: grid {grid} exceeds 65535 on axis 1 or 2"
+
+
+def test_cpu_native_append_rejects_segments_outside_the_pool():
+    """A table whose segment reaches past the pool is an error, not a write past the end; nothing is written."""
+    from kvkernels.cpu import native
+
+    if not native.compiler_available():
+        pytest.skip("no C++ compiler to build the compiled kernels")
+    pool = poisoned_pool(2, 1, 3, 12, 64, 4, torch.float32, "cpu")
+    pool.seg_start[1, 0, 2] = pool.k_pool.shape[0] - 2  # room for 4 more rows by its seg_cap, 2 in the pool
+    before = [t.clone() for t in pool]
+    rows = new_rows(1, 3, 1, 64, torch.float32, "cpu")
+    with native.forced(True), pytest.raises(RuntimeError, match="layer 1 lies outside the pool"):
+        run_append("cpu", pool, 1, rows, rows)
+    for got, was in zip(pool, before):
+        torch.testing.assert_close(got, was, rtol=0, atol=0, equal_nan=True)

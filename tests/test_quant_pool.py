@@ -5,6 +5,7 @@ the deferred (graph-safe) mode, opcheck and torch.compile."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -18,11 +19,11 @@ triton = pytest.importorskip("triton")
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-BACKENDS = ["reference", "cpu", "triton"]
+BACKENDS = ["reference", "cpu", "cpu-eager", "triton"]
 
 
 def backend_ok(backend, dtype):
-    if backend == "cpu" and CUDA:
+    if backend in ("cpu", "cpu-eager") and CUDA:
         return False
     return not (backend == "triton" and dtype == torch.bfloat16 and not CUDA)  # interpreter bf16 is wrong
 
@@ -51,19 +52,32 @@ def make_kv(lens, D, dtype, seed=0, device=DEVICE):
 
 
 def build(backend, keys, values, keep, bits=2, group_size=32, residual=8, slack=48):
-    with kvkernels.use_backend(backend):
+    with running(backend):
         return kvkernels.quant_pool_from_kv(keys, values, keep, bits, group_size, residual, slack)
 
 
+def running(backend):
+    """use_backend(backend); "cpu-eager" is the cpu backend with its compiled kernels (kvkernels/cpu/native:
+    fp32 decode attention, appends that flush nothing) forced off: the path without a C++ compiler."""
+    from kvkernels.cpu import native
+
+    stack = contextlib.ExitStack()
+    if backend == "cpu-eager":
+        stack.enter_context(native.forced(False))
+        backend = "cpu"
+    stack.enter_context(kvkernels.use_backend(backend))
+    return stack
+
+
 def append(backend, pool, layer, k, v, flush_after=False):
-    with kvkernels.use_backend(backend):
+    with running(backend):
         kvkernels.quant_pool_append(pool, layer, k, v, flush_after=flush_after)
 
 
 def attend(backend, q, pool, layer, lse=True):
-    with kvkernels.use_backend(backend):
+    with running(backend):
         out = kvkernels.quant_pool_attention(q, pool, layer, return_lse=lse)
-        assert kvkernels.last_choice() == ("quant_pool_attention", backend)
+        assert kvkernels.last_choice() == ("quant_pool_attention", "cpu" if backend == "cpu-eager" else backend)
     return out
 
 
@@ -158,7 +172,8 @@ def test_reference_matches_segment_model(bits, gs, residual, flush_after):
         q = torch.randn(2, 9, 2, 64, generator=gen)
         o, lse = attend("reference", q, pool, 1)
         o_ref, lse_ref = model_attention(q, model[1], 1 / 8)
-        torch.testing.assert_close(o.double(), o_ref, atol=2e-5, rtol=1e-5)
+        # fp32 against float64: 3.4e-5 was seen once (the BLAS's reduction order varies with its threading)
+        torch.testing.assert_close(o.double(), o_ref, atol=6e-5, rtol=1e-5)
         assert_lse_close(lse, lse_ref, 2e-5)
     assert pool.q_len[1].tolist() == [[m.nq for m in row] for row in model[1]]
 
@@ -237,6 +252,8 @@ WRAP_CASES = [
     (torch.float32, "mixed", 3, 64, 2, 32, 8, True),
     (torch.float16, "gqa4", 4, 128, 4, 32, 0, False),
     (torch.bfloat16, "mixed", 3, 128, 2, 64, 16, False),
+    (torch.float32, "gqa4", 4, 128, 4, 32, 0, True),
+    (torch.float32, "mixed", 3, 128, 2, 64, 16, False),
 ]
 
 
@@ -260,7 +277,8 @@ def rotate_rings(pool, layer, gen):
 @pytest.mark.skipif(CUDA, reason="the cpu backend runs on CPU tensors")
 @pytest.mark.parametrize("dtype,case,G,D,bits,gs,residual,poison", WRAP_CASES,
                          ids=[f"{str(c[0])[6:]}-{c[1]}-D{c[3]}-b{c[4]}-g{c[5]}-R{c[6]}" for c in WRAP_CASES])
-def test_cpu_kernels_on_wrapped_rings(dtype, case, G, D, bits, gs, residual, poison, monkeypatch):
+@pytest.mark.parametrize("backend", ["cpu", "cpu-eager"])
+def test_cpu_kernels_on_wrapped_rings(dtype, case, G, D, bits, gs, residual, poison, backend, monkeypatch):
     """The cpu append and attention against the reference on pools whose tails wrap around the ring: appends
     of 1 .. group_size rows in both flush orders (flushes that read wrapped rows, new rows written across
     the ring's end), attention with Lq = 1, 3 and Lq longer than some tails (causal rows that see part of
@@ -289,14 +307,14 @@ def test_cpu_kernels_on_wrapped_rings(dtype, case, G, D, bits, gs, residual, poi
     for step, t in enumerate((1, 3, gs - 1, 1, 1, 2, gs, 1)):
         k = torch.randn(B, H, t, D, generator=gen).to(dtype)
         v = torch.randn(B, H, t, D, generator=gen).to(dtype)
-        for pool, be in ((ref, "reference"), (got, "cpu")):
+        for pool, be in ((ref, "reference"), (got, backend)):
             append(be, pool, 1, k, v, flush_after=step % 3 == 1)
         for i, (a, b) in enumerate(zip(ref.buffers(), got.buffers())):
             assert torch.equal(a, b), f"buffer {kvkernels.QuantPool._fields[i]} differs after append {step}"
         for layer, Lq in ((1, 1), (1, 3), (0, 1 + step * 5)):
             q = torch.randn(B, H * G, Lq, D, generator=gen).to(dtype)
             o_ref, lse_ref = attend("reference", q, ref, layer)
-            o, lse = attend("cpu", q, got, layer)
+            o, lse = attend(backend, q, got, layer)
             assert o.dtype == dtype and o.shape == q.shape and torch.isfinite(o).all()
             torch.testing.assert_close(o, o_ref, **TOL[dtype])
             assert_lse_close(lse, lse_ref, 1e-3 if dtype != torch.float32 else 2e-5)
@@ -315,7 +333,7 @@ def test_flush_order_on_the_append_that_completes_a_group(backend):
     keys, values, keep = make_kv([[[31]]], 64, torch.float32)
     k1, v1 = torch.randn(1, 1, 1, 64, device=DEVICE), torch.randn(1, 1, 1, 64, device=DEVICE)
     for flush_after, q_now in ((False, 0), (True, 32)):
-        pool = build(backend if backend != "cpu" else "reference", keys, values, keep, 2, 32, 0, slack=8)
+        pool = build(backend if backend not in ("cpu", "cpu-eager") else "reference", keys, values, keep, 2, 32, 0, slack=8)
         assert pool.q_len.item() == 0 and pool.seg_len.item() == 31
         append(backend, pool, 0, k1, v1, flush_after)
         assert pool.q_len.item() == q_now and pool.seg_len.item() == 32
@@ -341,7 +359,7 @@ def test_overflow_writes_nothing_and_raises(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rollback_is_exact(backend):
     keys, values, keep = make_kv(CASES["mixed"], 64, torch.float16)
-    pool = build(backend if backend != "cpu" else "reference", keys, values, keep, 2, 32, 8, slack=40)
+    pool = build(backend if backend not in ("cpu", "cpu-eager") else "reference", keys, values, keep, 2, 32, 8, slack=40)
     q = torch.randn(2, 9, 1, 64, device=DEVICE).half()
     o0 = attend(backend, q, pool, 1, lse=False)
     saved = [t.clone() for t in pool.lengths()]

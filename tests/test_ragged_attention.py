@@ -256,6 +256,55 @@ def test_cpu_fp32_decode_uses_matmuls_and_matches_reference(monkeypatch, return_
         assert torch.isneginf(got[1][0, 3:6]).all() and (got[0][0, 3:6] == 0).all()
 
 
+def native_modes():
+    """The cpu backend's two fp32 decode paths: the compiled kernel (kvkernels/cpu/native) and eager PyTorch."""
+    from kvkernels.cpu import native
+
+    return [pytest.param(True, id="native", marks=pytest.mark.skipif(
+                not native.compiler_available(), reason="no C++ compiler to build the compiled kernels")),
+            pytest.param(False, id="eager")]
+
+
+@pytest.mark.parametrize("native_on", native_modes())
+@pytest.mark.parametrize("G,D", [(1, 64), (3, 64), (4, 128), (3, 80), (2, 96), (9, 256)])
+def test_cpu_fp32_decode_paths_match_reference(monkeypatch, native_on, G, D):
+    """Both fp32 decode paths against the reference: ragged lengths across the compiled kernel's 256-row
+    chunks (1, 255, 256, 257, 600 rows; empty segments), every head dim, GQA 1-9, outputs poisoned, and
+    NaN in every pool row outside the live segments (a stray read shows)."""
+    from kvkernels.cpu import native
+
+    q, k_pool, v_pool, seg_start, seg_len = make_inputs([[0, 600, 1], [257, 255, 256]], G, 1, D, torch.float32,
+                                                        device="cpu")
+    want = reference(q, k_pool, v_pool, seg_start, seg_len, 0.125, True)
+    owned = torch.zeros(k_pool.shape[0], dtype=torch.bool)
+    for st, n in zip(seg_start.flatten().tolist(), seg_len.flatten().tolist()):
+        owned[st:st + n] = True
+    k_pool[~owned] = float("nan")
+    v_pool[~owned] = float("nan")
+    with native.forced(native_on):
+        poison_empty(monkeypatch)
+        o, lse = run_backend("cpu", q, k_pool, v_pool, seg_start, seg_len, 0.125, True)
+        o_only, no_lse = run_backend("cpu", q, k_pool, v_pool, seg_start, seg_len, 0.125, False)
+        monkeypatch.undo()
+    torch.testing.assert_close(o, want[0], **TOL[torch.float32])
+    assert_lse_close(lse, want[1], atol=2e-5)
+    assert (o[0, :G] == 0).all() and torch.isneginf(lse[0, :G]).all()  # the empty segment
+    torch.testing.assert_close(o_only, want[0], **TOL[torch.float32])
+    assert no_lse.shape == (0,)
+
+
+def test_cpu_native_decode_rejects_segments_outside_the_pool():
+    """A table pointing past the pool is an error naming the segment, not an out-of-bounds read."""
+    from kvkernels.cpu import native
+
+    if not native.compiler_available():
+        pytest.skip("no C++ compiler to build the compiled kernels")
+    q, k_pool, v_pool, seg_start, seg_len = make_inputs([[3, 40]], 3, 1, 64, torch.float32, device="cpu")
+    seg_start[0, 1] = k_pool.shape[0] - 10
+    with native.forced(True), pytest.raises(RuntimeError, match="segment 1 .* outside the pool"):
+        run_backend("cpu", q, k_pool, v_pool, seg_start, seg_len, 0.125, False)
+
+
 def test_opcheck_on_cpu_backend():
     args = make_inputs([[3, 40]], 3, 2, 64, torch.float32, device="cpu")
     with kvkernels.use_backend("cpu"):

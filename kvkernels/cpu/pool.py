@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from kvkernels._validate import check_capacity
+from kvkernels.cpu import native
 
 
 def _layer_rows(table: torch.Tensor, layer: int) -> list[int]:
@@ -63,6 +64,14 @@ def ragged_append(
     v_new: torch.Tensor,
 ) -> None:
     """Write k_new/v_new [B, Hkv, t, D] after the live rows of each segment of ``layer``; grow seg_len."""
+    lib = native.library()
+    rows = seg_len[layer]
+    if lib is not None and k_pool.stride(1) == 1 and v_pool.stride(1) == 1 and rows.is_contiguous():
+        if native.ragged_append(lib, k_pool, v_pool, seg_start[layer], rows, seg_cap[layer], k_new, v_new):
+            check_capacity(seg_len, seg_cap, layer, k_new.shape[2])  # raises with the reference's message
+            raise native.SegmentTableError(
+                f"kvkernels.ragged_append: a segment of layer {layer} lies outside the pool's {k_pool.shape[0]} rows")
+        return
     t = k_new.shape[2]
     lens, caps = _layer_rows(seg_len, layer), _layer_rows(seg_cap, layer)
     if any(n + t > c for n, c in zip(lens, caps)):

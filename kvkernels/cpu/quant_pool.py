@@ -38,6 +38,7 @@ import threading
 
 import torch
 
+from kvkernels.cpu import native
 from kvkernels.reference.kivi import kivi_quantize
 from kvkernels.reference.quant_pool import check_quant_capacity, write_quantized
 
@@ -174,6 +175,47 @@ def _attend_block(q_rows, quant, k_ring, v_ring, starts, nqs, heads, lens, G, Lq
     return o, lse
 
 
+def _decode_fp32(q_rows, quant, k_ring, v_ring, starts, nqs, heads, lens, bits, gs, sm_scale, return_lse):
+    """(o [S, G, D], lse [S, G] or None) of fp32 q_rows [S, G, D] (one query row per head), each segment
+    attended alone: its dequantized rows, then its ring's live rows, as one softmax over both."""
+    S, TC, D = k_ring.shape
+    G = q_rows.shape[1]
+    live = [s for s in range(S) if nqs[s]]
+    if live:  # the quantized rows of all segments are one slice of the codes: dequantized in one pass set
+        first = min(starts[s] for s in live)
+        rows = max(starts[s] + nqs[s] for s in live) - first
+        keys, values = _scratch("keys", (rows, D), k_ring.dtype), _scratch("values", (rows, D), k_ring.dtype)
+        _dequantize_rows(*quant, first, rows, keys, values, bits, gs)
+    q_scaled = q_rows * sm_scale
+    outs, lses = [], []
+    for s in range(S):
+        pieces = []  # (keys, values) row sets of the segment, in token order
+        if nqs[s]:
+            at = starts[s] - first
+            pieces.append((keys[at:at + nqs[s]], values[at:at + nqs[s]]))
+        for slot, count in _ring_slices(heads[s], lens[s] - nqs[s], TC):
+            pieces.append((k_ring[s, slot:slot + count], v_ring[s, slot:slot + count]))
+        if not pieces:
+            outs.append(q_rows.new_zeros(G, D))
+            lses.append(q_rows.new_full((G,), _NEG_INF))
+            continue
+        logits = torch.cat([torch.mm(q_scaled[s], k.t()) for k, _ in pieces], 1) if len(pieces) > 1 else \
+            torch.mm(q_scaled[s], pieces[0][0].t())  # [G, n]
+        if return_lse:
+            row_lse = torch.logsumexp(logits, 1)
+            lses.append(row_lse)
+            probs = logits.sub_(row_lse[:, None]).exp_()
+        else:
+            probs = torch.softmax(logits, 1)
+        at = pieces[0][1].shape[0]
+        o = torch.mm(probs[:, :at], pieces[0][1])
+        for _, v in pieces[1:]:
+            o.addmm_(probs[:, at:at + v.shape[0]], v)
+            at += v.shape[0]
+        outs.append(o)
+    return torch.stack(outs), (torch.stack(lses) if return_lse else None)
+
+
 def quant_pool_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len,
                          t_head, seg_len, bits, group_size, sm_scale, return_lse):
     """Same contract as :func:`kvkernels.reference.quant_pool.quant_pool_attention`."""
@@ -181,15 +223,24 @@ def quant_pool_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     _, H, TC, _ = k_tail.shape
     S, G = B * H, Hq // H
     M = G * Lq
+    k_ring, v_ring = k_tail.reshape(S, TC, D), v_tail.reshape(S, TC, D)
+    quant = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
+    lib = native.library() if Lq == 1 and q.dtype == torch.float32 else None
+    if lib is not None:  # the compiled kernel reads the tables itself
+        o, lse = native.quant_decode(lib, q.reshape(S, G, D), *quant, k_ring, v_ring, q_start, q_len, t_head, seg_len,
+                                     bits, group_size, sm_scale, return_lse)
+        return o.view(B, Hq, 1, D), (lse.view(B, Hq, 1) if return_lse else o.new_empty(0))
+    # Host reads (free on CPU tensors) in as few ops as possible.
+    nqs, heads, lens = torch.stack((q_len, t_head, seg_len)).view(3, S).tolist()
+    starts = q_start.reshape(S).tolist()
+    if Lq == 1 and q.dtype == torch.float32:
+        o, lse = _decode_fp32(q.reshape(S, G, D), quant, k_ring, v_ring, starts, nqs, heads, lens, bits,
+                              group_size, sm_scale, return_lse)
+        return o.view(B, Hq, 1, D), (lse.view(B, Hq, 1) if return_lse else o.new_empty(0))
     # Segment s = (b, h) owns query heads h*G .. h*G + G - 1: in q these are G*Lq consecutive rows.
     q_rows = q.reshape(1, 1, S * M, D)
     if q_rows.stride(-1) != 1:
         q_rows = q_rows.contiguous()
-    # Host reads (free on CPU tensors) in as few ops as possible.
-    nqs, heads, lens = torch.stack((q_len, t_head, seg_len)).view(3, S).tolist()
-    starts = q_start.reshape(S).tolist()
-    k_ring, v_ring = k_tail.reshape(S, TC, D), v_tail.reshape(S, TC, D)
-    quant = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
     parts = [_attend_block(q_rows[:, :, s * M:(s + _BLOCK) * M], quant, k_ring[s:s + _BLOCK], v_ring[s:s + _BLOCK],
                            starts[s:s + _BLOCK], nqs[s:s + _BLOCK], heads[s:s + _BLOCK], lens[s:s + _BLOCK], G, Lq,
                            bits, group_size, sm_scale) for s in range(0, S, _BLOCK)]
@@ -203,6 +254,11 @@ def quant_pool_append(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail
     B, H, t, D = k_new.shape
     TC = k_tail.shape[3]
     S = B * H
+    lib = native.library()
+    if lib is not None and k_tail.is_contiguous() and v_tail.is_contiguous() and seg_len[layer].is_contiguous():
+        if native.quant_append_noflush(lib, k_tail[layer], v_tail[layer], q_len[layer], t_head[layer], seg_len[layer],
+                                       seg_cap[layer], k_new, v_new, residual, group_size, flush_after):
+            return  # no segment quantizes a group in this call: the new rows went into the rings
     # Host reads (free on CPU tensors), as few ops as possible: the step's fixed cost is these calls.
     nqs, lens, heads, seg_caps = torch.stack((q_len[layer], seg_len[layer], t_head[layer], seg_cap[layer])).view(
         4, S).tolist()

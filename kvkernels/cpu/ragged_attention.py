@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from kvkernels.cpu import native
+
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 
 
@@ -129,6 +131,11 @@ def _equal_length_runs(starts: list[int], lens: list[int]):
         s += count
 
 
+def _flat_list(table: torch.Tensor) -> list[int]:
+    """A [B, Hkv] segment table as a flat Python list in (b, h) order (one host read)."""
+    return [x for per_batch in table.tolist() for x in per_batch]
+
+
 def _decode_fp32(q_rows, k_pool, v_pool, starts, lens, sm_scale: float, return_lse: bool):
     """(o [S, G, D], lse [S, G] or None) of fp32 q_rows [S, G, D] (one query row per head) over each segment."""
     S, G, D = q_rows.shape
@@ -171,11 +178,16 @@ def ragged_attention(
     q_rows = q.reshape(S, 1, rows, D)
     if q_rows.stride(-1) != 1:
         q_rows = q_rows.contiguous()
-    starts = [s for per_batch in seg_start.tolist() for s in per_batch]
-    lens = [n for per_batch in seg_len.tolist() for n in per_batch]
     if Lq == 1 and q.dtype == torch.float32:
-        o, lse = _decode_fp32(q_rows.view(S, G, D), k_pool, v_pool, starts, lens, sm_scale, return_lse)
+        lib = native.library()
+        if lib is not None and k_pool.stride(1) == 1 and v_pool.stride(1) == 1:
+            o, lse = native.ragged_decode(lib, q_rows.view(S, G, D), k_pool, v_pool, seg_start, seg_len, sm_scale,
+                                          return_lse)
+        else:
+            starts, lens = _flat_list(seg_start), _flat_list(seg_len)
+            o, lse = _decode_fp32(q_rows.view(S, G, D), k_pool, v_pool, starts, lens, sm_scale, return_lse)
         return o.view(B, Hq, 1, D), (lse.view(B, Hq, 1) if return_lse else o.new_empty(0))
+    starts, lens = _flat_list(seg_start), _flat_list(seg_len)
     o = lse = None  # allocated only when the segments need more than one call
     for s, count, step in _equal_length_runs(starts, lens):
         n = lens[s]

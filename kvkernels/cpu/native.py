@@ -1,0 +1,237 @@
+"""The cpu backend's compiled decode kernels (``native/decode.cpp``): built on first use, called via ctypes.
+
+The source is plain C++ with a C ABI (no PyTorch headers), so building it takes the system compiler about
+a second: ``c++ -O3 -march=native -fopenmp -shared``. The library is cached under
+``$KVKERNELS_CACHE_DIR`` (default ``~/.cache/kvkernels``) by a hash of the source, the flags and the
+machine, and rebuilt only when one of them changes. Kernels receive raw pointers: every caller passes
+contiguous tensors of the checked dtypes, and the kernels check every table entry against the buffer
+sizes before reading (a bad table gives an error, never an out-of-bounds read).
+
+``KVKERNELS_NATIVE=0`` turns the compiled kernels off (the eager PyTorch path runs instead, same results
+within fp32 rounding). Without a working compiler the eager path runs too, after one warning that says
+why. :func:`status` reports which path runs and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+SOURCE = Path(__file__).with_name("native") / "decode.cpp"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+
+_lock = threading.Lock()
+_state: dict = {}  # "lib": ctypes.CDLL or None, "why": str
+
+
+def enabled_by_env() -> bool:
+    return os.environ.get("KVKERNELS_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("KVKERNELS_CACHE_DIR", Path.home() / ".cache" / "kvkernels"))
+
+
+def _compiler() -> Optional[str]:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def _build(cxx: str) -> Path:
+    """Compile the source into the cache (atomically: a concurrent build writes its own file, then renames)."""
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join((cxx, *FLAGS, platform.machine(), platform.node())).encode())
+    out_dir = _cache_dir() / "native"
+    lib = out_dir / f"decode-{key.hexdigest()[:16]}.so"
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        result = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            raise RuntimeError(f"{cxx} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.kvk_ragged_decode_f32.argtypes = [p, p, p, i64, i64, i64, p, p, i64, i64, i64, f32, p, p, i32]
+    lib.kvk_ragged_decode_f32.restype = i32
+    lib.kvk_quant_decode_f32.argtypes = [p, p, p, p, p, p, p, p, p, i64, p, p, p, p, i64, i64, i64, i64, i64, i64,
+                                         f32, p, p, i32]
+    lib.kvk_quant_decode_f32.restype = i32
+    lib.kvk_ragged_append.argtypes = [p, p, i64, i64, i64, i64, p, p, p, i64, p, p, i64]
+    lib.kvk_ragged_append.restype = i32
+    lib.kvk_quant_append_noflush.argtypes = [p, p, i64, i64, p, p, p, p, i64, p, p, i64, i64, i64, i32]
+    lib.kvk_quant_append_noflush.restype = i32
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The compiled kernels, building them on first call; None if turned off or if the build failed."""
+    state = _state
+    if "lib" in state:
+        return state["lib"]
+    with _lock:
+        if "lib" in state:
+            return state["lib"]
+        lib, why = None, "turned off by KVKERNELS_NATIVE=0"
+        if enabled_by_env():
+            cxx = _compiler()
+            if cxx is None:
+                why = "no C++ compiler found (set CXX, or install g++)"
+            else:
+                try:
+                    path = _build(cxx)
+                    lib = ctypes.CDLL(str(path))
+                    _declare(lib)
+                    why = f"built with {cxx} ({path})"
+                except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                    lib, why = None, f"build failed: {exc}"
+            if lib is None:
+                warnings.warn(f"kvkernels: the cpu backend's compiled decode kernels are unavailable ({why}); "
+                              "decode attention runs the slower eager PyTorch path", RuntimeWarning, stacklevel=2)
+        state["why"] = why
+        state["lib"] = lib
+        return lib
+
+
+def status() -> str:
+    """One line: whether the compiled kernels run, and why (builds them if not built yet)."""
+    lib = library()
+    return ("compiled decode kernels: " + ("on, " if lib is not None else "off, ") + _state["why"])
+
+
+def compiler_available() -> bool:
+    return _compiler() is not None
+
+
+@contextlib.contextmanager
+def forced(on: bool) -> Iterator[None]:
+    """Within the block the compiled kernels are on (built if needed, whatever KVKERNELS_NATIVE says; raises
+    if they cannot be built) or off (the eager path). For tests and comparisons."""
+    with _lock:
+        saved = dict(_state)
+    try:
+        if on:
+            cxx = _compiler()
+            if cxx is None:
+                raise RuntimeError("kvkernels: no C++ compiler found to build the compiled decode kernels")
+            lib = ctypes.CDLL(str(_build(cxx)))
+            _declare(lib)
+            new = {"lib": lib, "why": f"forced on, built with {cxx}"}
+        else:
+            new = {"lib": None, "why": "forced off"}
+        with _lock:
+            _state.clear()
+            _state.update(new)
+        yield
+    finally:
+        with _lock:
+            _state.clear()
+            _state.update(saved)
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+class SegmentTableError(RuntimeError):
+    pass
+
+
+def ragged_decode(lib, q_rows: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, seg_start: torch.Tensor,
+                  seg_len: torch.Tensor, sm_scale: float, return_lse: bool):
+    """(o [S, G, D], lse [S, G] or None) of contiguous fp32 q_rows [S, G, D] over each segment of the pool
+    (k_pool/v_pool fp32 [N, D] with channel stride 1; seg_start int64, seg_len int32, S entries each)."""
+    S, G, D = q_rows.shape
+    q_rows = q_rows.contiguous()
+    starts, lens = seg_start.reshape(S).contiguous(), seg_len.reshape(S).contiguous()
+    o = torch.empty(S, G, D, dtype=torch.float32)
+    lse = torch.empty(S, G, dtype=torch.float32) if return_lse else None
+    code = lib.kvk_ragged_decode_f32(_ptr(q_rows), _ptr(k_pool), _ptr(v_pool), k_pool.shape[0], k_pool.stride(0),
+                                     v_pool.stride(0), _ptr(starts), _ptr(lens), S, G, D, sm_scale, _ptr(o),
+                                     _ptr(lse) if return_lse else None, _threads())
+    if code:
+        s = code - 1
+        raise SegmentTableError(
+            f"kvkernels.ragged_attention: segment {s} (start {int(starts[s])}, length {int(lens[s])}) lies outside "
+            f"the pool's {k_pool.shape[0]} rows")
+    return o, lse
+
+
+def quant_decode(lib, q_rows, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring, q_start, q_len,
+                 t_head, seg_len, bits: int, group_size: int, sm_scale: float, return_lse: bool):
+    """(o [S, G, D], lse [S, G] or None) of contiguous fp32 q_rows [S, G, D] over each segment of one layer of
+    the quantized pool (buffers contiguous, in the layouts of ``kvkernels.reference.quant_pool``; the rings
+    k_ring/v_ring [S, TC, D]; the four tables S entries each)."""
+    S, G, D = q_rows.shape
+    TC = k_ring.shape[1]
+    F = 32 // bits
+    if k_codes.shape[0] * F != v_codes.shape[0] or k_scale.shape[0] * group_size != v_codes.shape[0]:
+        raise ValueError("kvkernels.quant_pool_attention: the quantized buffers disagree on the row count")
+    q_rows, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring = (
+        t.contiguous() for t in (q_rows, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring))
+    tables = [t.reshape(S).contiguous() for t in (q_start, q_len, t_head, seg_len)]
+    o = torch.empty(S, G, D, dtype=torch.float32)
+    lse = torch.empty(S, G, dtype=torch.float32) if return_lse else None
+    code = lib.kvk_quant_decode_f32(_ptr(q_rows), _ptr(k_codes), _ptr(k_scale), _ptr(k_zero), _ptr(v_codes),
+                                    _ptr(v_scale), _ptr(v_zero), _ptr(k_ring), _ptr(v_ring), v_codes.shape[0],
+                                    *map(_ptr, tables), S, G, D, TC, bits, group_size, sm_scale, _ptr(o),
+                                    _ptr(lse) if return_lse else None, _threads())
+    if code:
+        s = code - 1
+        raise SegmentTableError(
+            f"kvkernels.quant_pool_attention: segment {s}'s tables (q_start {int(tables[0][s])}, q_len "
+            f"{int(tables[1][s])}, t_head {int(tables[2][s])}, seg_len {int(tables[3][s])}) point outside the "
+            f"pool's buffers ({v_codes.shape[0]} quantized rows, {TC} ring slots)")
+    return o, lse
+
+
+def ragged_append(lib, k_pool: torch.Tensor, v_pool: torch.Tensor, seg_start: torch.Tensor, seg_len: torch.Tensor,
+                  seg_cap: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> int:
+    """Append k_new/v_new [B, H, t, D] after each segment's live rows of one layer (tables [B, H], seg_len
+    contiguous: written in place), as bytes; 0, or 1 + s for the first segment s without room or outside the
+    pool (then nothing was written). Pools need channel stride 1."""
+    B, H, t, D = k_new.shape
+    k_new, v_new = k_new.contiguous(), v_new.contiguous()
+    starts, caps = seg_start.contiguous(), seg_cap.contiguous()
+    size = k_pool.element_size()
+    return lib.kvk_ragged_append(_ptr(k_pool), _ptr(v_pool), k_pool.shape[0], k_pool.stride(0) * size,
+                                 v_pool.stride(0) * size, D * size, _ptr(starts), _ptr(seg_len), _ptr(caps), B * H,
+                                 _ptr(k_new), _ptr(v_new), t)
+
+
+def quant_append_noflush(lib, k_ring: torch.Tensor, v_ring: torch.Tensor, q_len: torch.Tensor, t_head: torch.Tensor,
+                         seg_len: torch.Tensor, seg_cap: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                         residual: int, group_size: int, flush_after: bool) -> bool:
+    """Append k_new/v_new [B, H, t, D] to one layer of the quantized pool if no segment flushes a group in this
+    call (rings [B, H, TC, D] contiguous; tables [B, H], seg_len contiguous: written in place). True if done;
+    False if the general path must run (nothing was written)."""
+    B, H, t, D = k_new.shape
+    k_new, v_new = k_new.contiguous(), v_new.contiguous()
+    tables = [x.contiguous() for x in (q_len, t_head)]
+    size = k_ring.element_size()
+    return lib.kvk_quant_append_noflush(_ptr(k_ring), _ptr(v_ring), k_ring.shape[2], D * size, *map(_ptr, tables),
+                                        _ptr(seg_len), _ptr(seg_cap.contiguous()), B * H, _ptr(k_new), _ptr(v_new), t,
+                                        residual, group_size, int(flush_after)) == 0

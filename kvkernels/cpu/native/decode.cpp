@@ -1,0 +1,368 @@
+// Decode attention (one query row per head, fp32) over a ragged KV pool and over the KIVI-quantized pool,
+// for the cpu backend. Plain C ABI, no PyTorch headers: kvkernels/cpu/native.py compiles it with the
+// system C++ compiler on first use (about a second) and calls it through ctypes with raw pointers.
+//
+// Why C++ here: a decode step of a small model on a CPU is a few dozen tiny products per layer; in eager
+// PyTorch each costs its fixed dispatch cost (5-15 us) more than its arithmetic. One call per layer does
+// the whole layer: every segment, every head of its GQA group, and (quantized pool) the dequantization of
+// each row as it is read, so no fp copy of the quantized cache is made, not even per step.
+//
+// Work is split flash-decoding style into (segment, chunk of CHUNK rows) items, spread over OpenMP
+// threads; each item keeps a running max, sum and output per head, and the items of a segment are merged
+// by log-sum-exp at the end. Every index is checked against the buffer sizes passed in before anything
+// is read: a bad table returns a nonzero code (the caller raises), never an out-of-bounds read.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t CHUNK = 256;
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+struct Item {
+  int64_t seg, first, count;  // segment, first row, row count
+};
+
+// Row pointers of one chunk: keys and values of rows first .. first + count of a segment.
+struct RowSource {
+  virtual ~RowSource() = default;
+  // Fill k[i], v[i] (i < count) with pointers to D floats; scratch holds 2 * count * D floats if needed.
+  virtual bool needs_scratch() const = 0;
+  virtual void rows(int64_t seg, int64_t first, int64_t count, const float** k, const float** v,
+                    float* scratch) const = 0;
+};
+
+struct PoolRows : RowSource {
+  const float *k_pool, *v_pool;
+  int64_t k_stride, v_stride;
+  const int64_t* start;
+  bool needs_scratch() const override { return false; }
+  void rows(int64_t seg, int64_t first, int64_t count, const float** k, const float** v, float*) const override {
+    const int64_t row0 = start[seg] + first;
+    for (int64_t i = 0; i < count; ++i) {
+      k[i] = k_pool + (row0 + i) * k_stride;
+      v[i] = v_pool + (row0 + i) * v_stride;
+    }
+  }
+};
+
+// The quantized pool: segment rows 0 .. q_len are quantized (global row q_start + i), the rest are the
+// ring's live rows (slot (t_head + i - q_len) % TC). Dequantized as kivi_dequantize does: code*scale+zero.
+struct QuantRows : RowSource {
+  const int32_t *k_codes, *v_codes;
+  const float *k_scale, *k_zero, *v_scale, *v_zero, *k_tail, *v_tail;
+  const int64_t* q_start;
+  const int32_t *q_len, *t_head;
+  int64_t D, TC, bits, gs;
+  bool needs_scratch() const override { return true; }
+  void rows(int64_t seg, int64_t first, int64_t count, const float** k, const float** v,
+            float* scratch) const override {
+    const int64_t F = 32 / bits, nq = q_len[seg], words_per_row = D / F, groups_per_row = D / gs;
+    const uint32_t mask = (1u << bits) - 1u;
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t r = first + i;
+      if (r >= nq) {
+        const int64_t slot = (t_head[seg] + r - nq) % TC;
+        k[i] = k_tail + (seg * TC + slot) * D;
+        v[i] = v_tail + (seg * TC + slot) * D;
+        continue;
+      }
+      const int64_t row = q_start[seg] + r;
+      float* kd = scratch + (2 * i) * D;
+      float* vd = kd + D;
+      // Keys: packed along rows (F rows per word of each channel), one (scale, zero) per channel and group.
+      const int32_t* kw = k_codes + (row / F) * D;
+      const uint32_t kshift = static_cast<uint32_t>((row % F) * bits);
+      const float* ks = k_scale + (row / gs) * D;
+      const float* kz = k_zero + (row / gs) * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d)
+        kd[d] = static_cast<float>((static_cast<uint32_t>(kw[d]) >> kshift) & mask) * ks[d] + kz[d];
+      // Values: packed along channels (F channels per word), one (scale, zero) per row and channel group.
+      const int32_t* vw = v_codes + row * words_per_row;
+      const float* vs = v_scale + row * groups_per_row;
+      const float* vz = v_zero + row * groups_per_row;
+      for (int64_t w = 0; w < words_per_row; ++w) {  // gs is a multiple of F: one group per word
+        const uint32_t word = static_cast<uint32_t>(vw[w]);
+        const float scale = vs[w * F / gs], zero = vz[w * F / gs];
+        float* out = vd + w * F;
+        for (int64_t j = 0; j < F; ++j)
+          out[j] = static_cast<float>((word >> static_cast<uint32_t>(j * bits)) & mask) * scale + zero;
+      }
+      k[i] = kd;
+      v[i] = vd;
+    }
+  }
+};
+
+// exp(x) for x <= 0 (softmax weights), vectorizable (std::exp is a scalar libm call here: about half the
+// kernel's time). x = n ln2 + r with |r| <= ln2 / 2; exp(r) by its degree-6 Taylor polynomial (relative
+// error below 2e-7, about 2 ulp); 2^n built in the exponent bits. Below -87 the result underflows to 0.
+#pragma omp declare simd
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - n * 0.693145751953125f - n * 1.42860682030941723e-6f;  // ln2 split: exact n * hi
+  float p = 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// Eight floats: GCC/Clang vector extensions (AVX on x86-64, two NEON registers on AArch64), so that the
+// products below run on whole vectors without intrinsics. Loads and stores go through memcpy (unaligned).
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
+inline v8 load8(const float* p) {
+  v8 x;
+  std::memcpy(&x, p, sizeof x);
+  return x;
+}
+
+inline float hsum(v8 x) {
+  v4 a = __builtin_shufflevector(x, x, 0, 1, 2, 3) + __builtin_shufflevector(x, x, 4, 5, 6, 7);
+  a += __builtin_shufflevector(a, a, 2, 3, 0, 1);
+  a += __builtin_shufflevector(a, a, 1, 0, 3, 2);
+  return a[0];
+}
+
+// The logit of one query row (DV vectors, in registers) with key row k.
+template <int DV>
+inline float dot(const v8* q, const float* k) {
+  v8 s0 = q[0] * load8(k), s1 = {};
+  for (int j = 1; j < DV; j += 2) {  // two chains: each FMA waits for the previous one of its chain only
+    s1 += q[j] * load8(k + 8 * j);
+    if (j + 1 < DV) s0 += q[j + 1] * load8(k + 8 * (j + 1));
+  }
+  return hsum(s0 + s1);
+}
+
+// One item: running max m[G], sum l[G] and unnormalised output acc[G * D] of q [G, D] (pre-scaled) over
+// its rows, D = 8 * DV (a compile-time size, so a query row and an output row stay in registers).
+template <int DV>
+void attend_item(const RowSource& src, const Item& it, const float* q, int64_t G, float* m, float* l, float* acc) {
+  constexpr int64_t D = 8 * DV;
+  // Uninitialised buffers (a zero-filled 128 KB scratch per chunk cost as much as the arithmetic).
+  const float* k[CHUNK];
+  const float* v[CHUNK];
+  std::unique_ptr<float[]> scratch(src.needs_scratch() ? new float[2 * it.count * D] : nullptr);
+  float lg[CHUNK];
+  src.rows(it.seg, it.first, it.count, k, v, scratch.get());
+  const int64_t n = it.count;
+  for (int64_t g = 0; g < G; ++g) {
+    v8 qg[DV];
+    for (int j = 0; j < DV; ++j) qg[j] = load8(q + g * D + 8 * j);
+    float mx = NEG_INF;
+    for (int64_t i = 0; i < n; ++i) {
+      lg[i] = dot<DV>(qg, k[i]);
+      mx = std::max(mx, lg[i]);
+    }
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) {
+      lg[i] = exp_nonpositive(lg[i] - mx);
+      sum += lg[i];
+    }
+    m[g] = mx;
+    l[g] = sum;
+    v8 o[DV] = {};
+    for (int64_t i = 0; i < n; ++i) {
+      const v8 p = v8{} + lg[i];
+      for (int j = 0; j < DV; ++j) o[j] += p * load8(v[i] + 8 * j);
+    }
+    std::memcpy(acc + g * D, o, sizeof o);
+  }
+}
+
+using ItemFn = void (*)(const RowSource&, const Item&, const float*, int64_t, float*, float*, float*);
+
+// The item kernel for head dim D (kvkernels' head dims: 64, 80, 96, 128, 256), or null.
+ItemFn item_kernel(int64_t D) {
+  switch (D) {
+    case 64: return attend_item<8>;
+    case 80: return attend_item<10>;
+    case 96: return attend_item<12>;
+    case 128: return attend_item<16>;
+    case 256: return attend_item<32>;
+    default: return nullptr;
+  }
+}
+
+// Attend every segment: q [S, G, D], seg_rows[s] rows each; out [S, G, D], lse [S, G] (nullable).
+void attend_all(ItemFn kernel, const RowSource& src, const float* q, const std::vector<int64_t>& seg_rows,
+                int64_t G, int64_t D, float scale, float* out, float* lse, int threads) {
+  const int64_t S = static_cast<int64_t>(seg_rows.size());
+  std::vector<Item> items;
+  std::vector<int64_t> first_item(S + 1);
+  for (int64_t s = 0; s < S; ++s) {
+    first_item[s] = static_cast<int64_t>(items.size());
+    for (int64_t r = 0; r < seg_rows[s]; r += CHUNK) items.push_back({s, r, std::min(CHUNK, seg_rows[s] - r)});
+  }
+  first_item[S] = static_cast<int64_t>(items.size());
+  std::vector<float> q_scaled(S * G * D);
+  for (int64_t i = 0; i < S * G * D; ++i) q_scaled[i] = q[i] * scale;
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  std::vector<float> m(n_items * G), l(n_items * G), acc(n_items * G * D);
+  int64_t total_rows = 0;
+  for (int64_t n : seg_rows) total_rows += n;
+  // Threads only pay off past a few chunks: a fork/join costs about as much as a small chunk.
+  const bool parallel = threads > 1 && n_items > 1 && total_rows >= 2 * CHUNK;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (parallel)
+  for (int64_t j = 0; j < n_items; ++j)
+    kernel(src, items[j], q_scaled.data() + items[j].seg * G * D, G, m.data() + j * G, l.data() + j * G,
+           acc.data() + j * G * D);
+  for (int64_t s = 0; s < S; ++s) {
+    for (int64_t g = 0; g < G; ++g) {
+      float* o = out + (s * G + g) * D;
+      float mx = NEG_INF;
+      for (int64_t j = first_item[s]; j < first_item[s + 1]; ++j) mx = std::max(mx, m[j * G + g]);
+      if (first_item[s] == first_item[s + 1]) {  // an empty segment: o = 0, lse = -inf
+        std::fill(o, o + D, 0.f);
+        if (lse) lse[s * G + g] = NEG_INF;
+        continue;
+      }
+      float total = 0.f;
+      std::fill(o, o + D, 0.f);
+      for (int64_t j = first_item[s]; j < first_item[s + 1]; ++j) {
+        const float w = std::exp(m[j * G + g] - mx);
+        total += w * l[j * G + g];
+        const float* a = acc.data() + (j * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += w * a[d];
+      }
+      const float inv = 1.f / total;
+      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+      if (lse) lse[s * G + g] = mx + std::log(total);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Ragged pool. k_pool/v_pool: n_rows rows of D floats, row strides k_stride/v_stride (channel stride 1).
+// seg_start int64 [S], seg_len int32 [S]. Returns 0; 1 + s for the first segment s outside the pool; -1 for a
+// head dim without a kernel.
+int kvk_ragged_decode_f32(const float* q, const float* k_pool, const float* v_pool, int64_t n_rows,
+                          int64_t k_stride, int64_t v_stride, const int64_t* seg_start, const int32_t* seg_len,
+                          int64_t S, int64_t G, int64_t D, float scale, float* out, float* lse, int threads) {
+  const ItemFn kernel = item_kernel(D);
+  if (!kernel) return -1;
+  std::vector<int64_t> rows(S);
+  for (int64_t s = 0; s < S; ++s) {
+    if (seg_start[s] < 0 || seg_len[s] < 0 || seg_start[s] + seg_len[s] > n_rows) return static_cast<int>(1 + s);
+    rows[s] = seg_len[s];
+  }
+  PoolRows src;
+  src.k_pool = k_pool;
+  src.v_pool = v_pool;
+  src.k_stride = k_stride;
+  src.v_stride = v_stride;
+  src.start = seg_start;
+  attend_all(kernel, src, q, rows, G, D, scale, out, lse, threads);
+  return 0;
+}
+
+// Quantized pool (layouts of kvkernels.reference.quant_pool): Q quantized rows in all; k_codes int32
+// [Q / F, D], k_scale/k_zero [Q / gs, D], v_codes int32 [Q, D / F], v_scale/v_zero [Q, D / gs];
+// k_tail/v_tail [S, TC, D]; q_start int64, q_len/t_head/seg_len int32, each [S]. Returns 0, or 1 + s for
+// the first segment whose tables point outside the buffers; -1 for a head dim without a kernel.
+int kvk_quant_decode_f32(const float* q, const int32_t* k_codes, const float* k_scale, const float* k_zero,
+                         const int32_t* v_codes, const float* v_scale, const float* v_zero, const float* k_tail,
+                         const float* v_tail, int64_t Q, const int64_t* q_start, const int32_t* q_len,
+                         const int32_t* t_head, const int32_t* seg_len, int64_t S, int64_t G, int64_t D, int64_t TC,
+                         int64_t bits, int64_t gs, float scale, float* out, float* lse, int threads) {
+  const ItemFn kernel = item_kernel(D);
+  if (!kernel) return -1;
+  std::vector<int64_t> rows(S);
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t nq = q_len[s], n = seg_len[s];
+    if (q_start[s] < 0 || nq < 0 || n < nq || n - nq > TC || q_start[s] + nq > Q || t_head[s] < 0 ||
+        t_head[s] >= TC)
+      return static_cast<int>(1 + s);
+    rows[s] = n;
+  }
+  QuantRows src;
+  src.k_codes = k_codes;
+  src.v_codes = v_codes;
+  src.k_scale = k_scale;
+  src.k_zero = k_zero;
+  src.v_scale = v_scale;
+  src.v_zero = v_zero;
+  src.k_tail = k_tail;
+  src.v_tail = v_tail;
+  src.q_start = q_start;
+  src.q_len = q_len;
+  src.t_head = t_head;
+  src.D = D;
+  src.TC = TC;
+  src.bits = bits;
+  src.gs = gs;
+  attend_all(kernel, src, q, rows, G, D, scale, out, lse, threads);
+  return 0;
+}
+
+// Ragged append: the t new rows of each of the S segments (k_new/v_new contiguous [S, t, row_bytes]) go
+// after its live rows; seg_len grows by t. Any dtype (rows are copied as bytes). Nothing is written
+// unless every segment has room (seg_len + t <= seg_cap) and lies in the pool (start + cap <= n_rows).
+// Returns 0, or 1 + s for the first segment s without room or outside the pool.
+int kvk_ragged_append(char* k_pool, char* v_pool, int64_t n_rows, int64_t k_stride_bytes, int64_t v_stride_bytes,
+                      int64_t row_bytes, const int64_t* seg_start, int32_t* seg_len, const int32_t* seg_cap,
+                      int64_t S, const char* k_new, const char* v_new, int64_t t) {
+  for (int64_t s = 0; s < S; ++s)
+    if (seg_start[s] < 0 || seg_len[s] < 0 || seg_len[s] + t > seg_cap[s] || seg_start[s] + seg_cap[s] > n_rows)
+      return static_cast<int>(1 + s);
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t row = seg_start[s] + seg_len[s];
+    for (int64_t i = 0; i < t; ++i) {
+      std::memcpy(k_pool + (row + i) * k_stride_bytes, k_new + (s * t + i) * row_bytes, row_bytes);
+      std::memcpy(v_pool + (row + i) * v_stride_bytes, v_new + (s * t + i) * row_bytes, row_bytes);
+    }
+    seg_len[s] += static_cast<int32_t>(t);
+  }
+  return 0;
+}
+
+// Quantized pool append, the steps that quantize nothing (all but one in group_size per segment): the t
+// new rows of each segment (k_new/v_new contiguous [S, t, row_bytes]) go into the ring slots after its
+// live tail (rings k_ring/v_ring [S, TC, row_bytes]); seg_len grows by t. Returns 1 and writes nothing if
+// any segment would flush a group under the flush rule of kvkernels.reference.quant_pool (the caller then
+// runs the general path), lacks room, or has tables outside the ring; else 0.
+int kvk_quant_append_noflush(char* k_ring, char* v_ring, int64_t TC, int64_t row_bytes, const int32_t* q_len,
+                             const int32_t* t_head, int32_t* seg_len, const int32_t* seg_cap, int64_t S,
+                             const char* k_new, const char* v_new, int64_t t, int64_t residual, int64_t gs,
+                             int flush_after) {
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t tail = static_cast<int64_t>(seg_len[s]) - q_len[s];
+    const int64_t pending = flush_after ? tail + t : tail;
+    if (q_len[s] < 0 || tail < 0 || t_head[s] < 0 || t_head[s] >= TC || pending - residual >= gs ||
+        seg_len[s] + t > seg_cap[s] || tail + t > TC)
+      return 1;
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t tail = static_cast<int64_t>(seg_len[s]) - q_len[s];
+    for (int64_t i = 0; i < t; ++i) {
+      const int64_t slot = (t_head[s] + tail + i) % TC;
+      std::memcpy(k_ring + (s * TC + slot) * row_bytes, k_new + (s * t + i) * row_bytes, row_bytes);
+      std::memcpy(v_ring + (s * TC + slot) * row_bytes, v_new + (s * t + i) * row_bytes, row_bytes);
+    }
+    seg_len[s] += static_cast<int32_t>(t);
+  }
+  return 0;
+}
+
+}  // extern "C"
