@@ -160,23 +160,27 @@ class SegmentTableError(RuntimeError):
     pass
 
 
-def ragged_decode(lib, q_rows: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, seg_start: torch.Tensor,
+def ragged_decode(lib, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, seg_start: torch.Tensor,
                   seg_len: torch.Tensor, sm_scale: float, return_lse: bool):
-    """(o [S, G, D], lse [S, G] or None) of contiguous fp32 q_rows [S, G, D] over each segment of the pool
-    (k_pool/v_pool fp32 [N, D] with channel stride 1; seg_start int64, seg_len int32, S entries each)."""
-    S, G, D = q_rows.shape
-    q_rows = q_rows.contiguous()
-    starts, lens = seg_start.reshape(S).contiguous(), seg_len.reshape(S).contiguous()
-    o = torch.empty(S, G, D, dtype=torch.float32)
-    lse = torch.empty(S, G, dtype=torch.float32) if return_lse else None
-    code = lib.kvk_ragged_decode_f32(_ptr(q_rows), _ptr(k_pool), _ptr(v_pool), k_pool.shape[0], k_pool.stride(0),
-                                     v_pool.stride(0), _ptr(starts), _ptr(lens), S, G, D, sm_scale, _ptr(o),
-                                     _ptr(lse) if return_lse else None, _threads())
+    """(o [B, Hq, 1, D], lse fp32 [B, Hq, 1] or None) of fp32 q [B, Hq, 1, D] over each KV head's segment of
+    the pool (k_pool/v_pool fp32 [N, D] with channel stride 1; seg_start int64 / seg_len int32 [B, Hkv])."""
+    B, Hq, _, D = q.shape
+    S = seg_start.numel()
+    # Views and copies only where needed: this runs once per layer and token, its fixed cost is the point.
+    q = q if q.is_contiguous() else q.contiguous()
+    starts = seg_start if seg_start.is_contiguous() else seg_start.contiguous()
+    lens = seg_len if seg_len.is_contiguous() else seg_len.contiguous()
+    o = torch.empty(B, Hq, 1, D)
+    lse = torch.empty(B, Hq, 1) if return_lse else None
+    code = lib.kvk_ragged_decode_f32(q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), k_pool.shape[0],
+                                     k_pool.stride(0), v_pool.stride(0), starts.data_ptr(), lens.data_ptr(), S,
+                                     Hq * B // S, D, sm_scale, o.data_ptr(), lse.data_ptr() if return_lse else None,
+                                     torch.get_num_threads())
     if code:
         s = code - 1
-        raise SegmentTableError(
-            f"kvkernels.ragged_attention: segment {s} (start {int(starts[s])}, length {int(lens[s])}) lies outside "
-            f"the pool's {k_pool.shape[0]} rows")
+        start, n = int(starts.view(-1)[s]), int(lens.view(-1)[s])
+        raise SegmentTableError(f"kvkernels.ragged_attention: segment {s} (start {start}, length {n}) lies outside "
+                                f"the pool's {k_pool.shape[0]} rows")
     return o, lse
 
 
@@ -214,12 +218,14 @@ def ragged_append(lib, k_pool: torch.Tensor, v_pool: torch.Tensor, seg_start: to
     contiguous: written in place), as bytes; 0, or 1 + s for the first segment s without room or outside the
     pool (then nothing was written). Pools need channel stride 1."""
     B, H, t, D = k_new.shape
-    k_new, v_new = k_new.contiguous(), v_new.contiguous()
-    starts, caps = seg_start.contiguous(), seg_cap.contiguous()
+    k_new = k_new if k_new.is_contiguous() else k_new.contiguous()
+    v_new = v_new if v_new.is_contiguous() else v_new.contiguous()
+    starts = seg_start if seg_start.is_contiguous() else seg_start.contiguous()
+    caps = seg_cap if seg_cap.is_contiguous() else seg_cap.contiguous()
     size = k_pool.element_size()
-    return lib.kvk_ragged_append(_ptr(k_pool), _ptr(v_pool), k_pool.shape[0], k_pool.stride(0) * size,
-                                 v_pool.stride(0) * size, D * size, _ptr(starts), _ptr(seg_len), _ptr(caps), B * H,
-                                 _ptr(k_new), _ptr(v_new), t)
+    return lib.kvk_ragged_append(k_pool.data_ptr(), v_pool.data_ptr(), k_pool.shape[0], k_pool.stride(0) * size,
+                                 v_pool.stride(0) * size, D * size, starts.data_ptr(), seg_len.data_ptr(),
+                                 caps.data_ptr(), B * H, k_new.data_ptr(), v_new.data_ptr(), t)
 
 
 def quant_append_noflush(lib, k_ring: torch.Tensor, v_ring: torch.Tensor, q_len: torch.Tensor, t_head: torch.Tensor,

@@ -171,6 +171,11 @@ def ragged_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Bottom-right causal attention of q [B, Hq, Lq, D] over each KV head's segment of the pool."""
     B, Hq, Lq, D = q.shape
+    if Lq == 1 and q.dtype == torch.float32 and k_pool.stride(1) == 1 and v_pool.stride(1) == 1:
+        lib = native.library()
+        if lib is not None:  # the compiled decode kernel: one call for the whole layer
+            o, lse = native.ragged_decode(lib, q, k_pool, v_pool, seg_start, seg_len, sm_scale, return_lse)
+            return o, (lse if return_lse else o.new_empty(0))
     Hkv = seg_start.shape[1]
     S, G = B * Hkv, Hq // Hkv
     rows = G * Lq
@@ -179,13 +184,8 @@ def ragged_attention(
     if q_rows.stride(-1) != 1:
         q_rows = q_rows.contiguous()
     if Lq == 1 and q.dtype == torch.float32:
-        lib = native.library()
-        if lib is not None and k_pool.stride(1) == 1 and v_pool.stride(1) == 1:
-            o, lse = native.ragged_decode(lib, q_rows.view(S, G, D), k_pool, v_pool, seg_start, seg_len, sm_scale,
-                                          return_lse)
-        else:
-            starts, lens = _flat_list(seg_start), _flat_list(seg_len)
-            o, lse = _decode_fp32(q_rows.view(S, G, D), k_pool, v_pool, starts, lens, sm_scale, return_lse)
+        starts, lens = _flat_list(seg_start), _flat_list(seg_len)
+        o, lse = _decode_fp32(q_rows.view(S, G, D), k_pool, v_pool, starts, lens, sm_scale, return_lse)
         return o.view(B, Hq, 1, D), (lse.view(B, Hq, 1) if return_lse else o.new_empty(0))
     starts, lens = _flat_list(seg_start), _flat_list(seg_len)
     o = lse = None  # allocated only when the segments need more than one call
