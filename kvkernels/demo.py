@@ -8,8 +8,8 @@
   prompt always kept), decoded with ``ragged_append`` + ``ragged_attention``,
 
 then prints the answers side by side with the expected ones, the KV bytes each cache holds and the
-decode time per token. On CPU the ops run the ``cpu`` backend (the pool attended in place, only the kept rows
-of each head read); on CUDA the Triton kernels.
+decode time per token. On CPU the ops run the ``cpu`` backend (one compiled call per layer attends the pool in
+place, reading only the kept rows of each head); on CUDA the Triton kernels.
 """
 
 from __future__ import annotations

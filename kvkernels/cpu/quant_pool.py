@@ -1,5 +1,12 @@
 """CPU kernels of ``quant_pool_attention`` and ``quant_pool_append``: few tensor ops, bookkeeping on the host.
 
+The decode step's common case runs the compiled kernels of :mod:`kvkernels.cpu.native` when they are
+available: fp32 attention with one query row (every segment of the layer in one call, quantized rows
+dequantized as they are read) and appends in which no segment flushes a group (the new rows go into their
+ring slots). What follows is the PyTorch path, for every other case and for machines without a C++
+compiler; fp32 decode there attends each segment alone (its dequantized rows and ring rows, matmuls and
+one softmax; no mask, no products across segments).
+
 On CPU a decode step's cost at a few thousand tokens is mostly the fixed cost of each tensor op, so both
 kernels read the small per-layer tables (``q_start``, ``q_len``, ``t_head``, ``seg_len``, capacities) on
 the host (free for CPU tensors) and do the bookkeeping in Python ints; the rows go through as few tensor

@@ -1,5 +1,9 @@
 """Attention over the ragged per-head pool on CPU tensors (op ``ragged_attention``).
 
+Decode in fp32 (Lq = 1, the hot path) runs the compiled kernel of :mod:`kvkernels.cpu.native` (one call per
+layer) when it is available; everything below is the PyTorch path, which serves every other case and
+fp32 decode without a C++ compiler.
+
 Each segment is attended in place: its keys and values are a view of the pool (rows ``start ..
 start + len``), never gathered or padded to the longest segment, so the work is proportional to the
 live rows. The attention itself is PyTorch's fused CPU flash kernel (fp32 accumulation for fp16/bf16,
@@ -7,7 +11,7 @@ and it returns the log-sum-exp). Segments that share a length and sit at evenly 
 segment of a per-head or per-layer budget, or an un-evicted cache, as ``compact_kv`` lays them out)
 are batched into one call over a strided view of the pool; the others get one call each.
 
-Decode in fp32 (Lq = 1, the hot path) skips the fused kernel: per segment, one matmul of the group's G
+Decode in fp32 (Lq = 1) without the compiled kernel skips the fused kernel: per segment, one matmul of the group's G
 query rows with the segment's keys, a softmax over its n rows and one matmul with its values (PyTorch's
 flash kernel is built for blocks of query rows; with G = 3 rows its per-call and per-block setup costs
 several times the arithmetic). fp16/bf16 keep the fused kernel, which accumulates in fp32.
