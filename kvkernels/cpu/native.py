@@ -213,31 +213,33 @@ def quant_decode(lib, q_rows, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero
 
 
 def ragged_append(lib, k_pool: torch.Tensor, v_pool: torch.Tensor, seg_start: torch.Tensor, seg_len: torch.Tensor,
-                  seg_cap: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> int:
-    """Append k_new/v_new [B, H, t, D] after each segment's live rows of one layer (tables [B, H], seg_len
-    contiguous: written in place), as bytes; 0, or 1 + s for the first segment s without room or outside the
-    pool (then nothing was written). Pools need channel stride 1."""
+                  seg_cap: torch.Tensor, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> int:
+    """Append k_new/v_new [B, H, t, D] after each segment's live rows of layer ``layer`` (tables [L, B, H],
+    contiguous; seg_len written in place), as bytes; 0, or 1 + s for the first segment s without room or
+    outside the pool (then nothing was written). Pools need channel stride 1."""
     B, H, t, D = k_new.shape
     k_new = k_new if k_new.is_contiguous() else k_new.contiguous()
     v_new = v_new if v_new.is_contiguous() else v_new.contiguous()
-    starts = seg_start if seg_start.is_contiguous() else seg_start.contiguous()
-    caps = seg_cap if seg_cap.is_contiguous() else seg_cap.contiguous()
-    size = k_pool.element_size()
+    size, first = k_pool.element_size(), layer * B * H  # the layer's first table entry (no select ops)
     return lib.kvk_ragged_append(k_pool.data_ptr(), v_pool.data_ptr(), k_pool.shape[0], k_pool.stride(0) * size,
-                                 v_pool.stride(0) * size, D * size, starts.data_ptr(), seg_len.data_ptr(),
-                                 caps.data_ptr(), B * H, k_new.data_ptr(), v_new.data_ptr(), t)
+                                 v_pool.stride(0) * size, D * size, seg_start.data_ptr() + 8 * first,
+                                 seg_len.data_ptr() + 4 * first, seg_cap.data_ptr() + 4 * first, B * H,
+                                 k_new.data_ptr(), v_new.data_ptr(), t)
 
 
-def quant_append_noflush(lib, k_ring: torch.Tensor, v_ring: torch.Tensor, q_len: torch.Tensor, t_head: torch.Tensor,
-                         seg_len: torch.Tensor, seg_cap: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-                         residual: int, group_size: int, flush_after: bool) -> bool:
-    """Append k_new/v_new [B, H, t, D] to one layer of the quantized pool if no segment flushes a group in this
-    call (rings [B, H, TC, D] contiguous; tables [B, H], seg_len contiguous: written in place). True if done;
-    False if the general path must run (nothing was written)."""
+def quant_append_noflush(lib, k_tail: torch.Tensor, v_tail: torch.Tensor, q_len: torch.Tensor, t_head: torch.Tensor,
+                         seg_len: torch.Tensor, seg_cap: torch.Tensor, layer: int, k_new: torch.Tensor,
+                         v_new: torch.Tensor, residual: int, group_size: int, flush_after: bool) -> bool:
+    """Append k_new/v_new [B, H, t, D] to layer ``layer`` of the quantized pool if no segment flushes a group in
+    this call (rings [L, B, H, TC, D] and tables [L, B, H] contiguous; seg_len written in place). True if
+    done; False if the general path must run (nothing was written)."""
     B, H, t, D = k_new.shape
-    k_new, v_new = k_new.contiguous(), v_new.contiguous()
-    tables = [x.contiguous() for x in (q_len, t_head)]
-    size = k_ring.element_size()
-    return lib.kvk_quant_append_noflush(_ptr(k_ring), _ptr(v_ring), k_ring.shape[2], D * size, *map(_ptr, tables),
-                                        _ptr(seg_len), _ptr(seg_cap.contiguous()), B * H, _ptr(k_new), _ptr(v_new), t,
-                                        residual, group_size, int(flush_after)) == 0
+    k_new = k_new if k_new.is_contiguous() else k_new.contiguous()
+    v_new = v_new if v_new.is_contiguous() else v_new.contiguous()
+    TC, size, first = k_tail.shape[3], k_tail.element_size(), layer * B * H  # no select ops
+    ring = first * TC * D * size
+    return lib.kvk_quant_append_noflush(k_tail.data_ptr() + ring, v_tail.data_ptr() + ring, TC, D * size,
+                                        q_len.data_ptr() + 4 * first, t_head.data_ptr() + 4 * first,
+                                        seg_len.data_ptr() + 4 * first, seg_cap.data_ptr() + 4 * first, B * H,
+                                        k_new.data_ptr(), v_new.data_ptr(), t, residual, group_size,
+                                        int(flush_after)) == 0

@@ -67,9 +67,9 @@ def ragged_append(
 ) -> None:
     """Write k_new/v_new [B, Hkv, t, D] after the live rows of each segment of ``layer``; grow seg_len."""
     lib = native.library()
-    rows = seg_len[layer]
-    if lib is not None and k_pool.stride(1) == 1 and v_pool.stride(1) == 1 and rows.is_contiguous():
-        if native.ragged_append(lib, k_pool, v_pool, seg_start[layer], rows, seg_cap[layer], k_new, v_new):
+    if (lib is not None and k_pool.stride(1) == 1 and v_pool.stride(1) == 1 and seg_start.is_contiguous()
+            and seg_len.is_contiguous() and seg_cap.is_contiguous()):
+        if native.ragged_append(lib, k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new):
             check_capacity(seg_len, seg_cap, layer, k_new.shape[2])  # raises with the reference's message
             raise native.SegmentTableError(
                 f"kvkernels.ragged_append: a segment of layer {layer} lies outside the pool's {k_pool.shape[0]} rows")

@@ -262,9 +262,9 @@ def quant_pool_append(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail
     TC = k_tail.shape[3]
     S = B * H
     lib = native.library()
-    if lib is not None and k_tail.is_contiguous() and v_tail.is_contiguous() and seg_len[layer].is_contiguous():
-        if native.quant_append_noflush(lib, k_tail[layer], v_tail[layer], q_len[layer], t_head[layer], seg_len[layer],
-                                       seg_cap[layer], k_new, v_new, residual, group_size, flush_after):
+    if lib is not None and all(x.is_contiguous() for x in (k_tail, v_tail, q_len, t_head, seg_len, seg_cap)):
+        if native.quant_append_noflush(lib, k_tail, v_tail, q_len, t_head, seg_len, seg_cap, layer, k_new, v_new,
+                                       residual, group_size, flush_after):
             return  # no segment quantizes a group in this call: the new rows went into the rings
     # Host reads (free on CPU tensors), as few ops as possible: the step's fixed cost is these calls.
     nqs, lens, heads, seg_caps = torch.stack((q_len[layer], seg_len[layer], t_head[layer], seg_cap[layer])).view(
