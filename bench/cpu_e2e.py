@@ -228,8 +228,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="SmolLM2 CPU decode/compression benchmark (see module doc)")
     parser.add_argument("--lengths", default="700,2000,4000,8000", help="context token targets, comma-separated")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=4, help="timed decode steps per cache per round")
+    parser.add_argument("--rounds", type=int, default=10,
+                        help="rounds of interleaved decode steps (many short rounds: robust to a shared machine)")
+    parser.add_argument("--steps", type=int, default=2, help="timed decode steps per cache per round")
     parser.add_argument("--keep", type=float, default=0.3)
     parser.add_argument("--chunk-size", type=int, default=2048)
     parser.add_argument("--out", default=str(OUT_DIR / "e2e"), help="output path prefix (.csv/.json/.png added)")
