@@ -477,3 +477,21 @@ def test_bytes_at_keep_03_2bit_are_15x_smaller_at_128k():
     pool = kvkernels.QuantPool(*out, 2, 32, 128)
     dense = 2 * L * B * H * N * D * 2
     assert 15 <= dense / pool.nbytes() < 17.8  # 17.8x is the ratio without tails and slack
+
+
+@pytest.mark.skipif(CUDA, reason="the cpu backend runs on CPU tensors")
+def test_cpu_native_attention_rejects_tables_outside_the_buffers():
+    """A corrupt table (q_len past the quantized rows) is an error naming the segment, not an out-of-bounds
+    read by the compiled kernel."""
+    from kvkernels.cpu import native
+
+    if not native.compiler_available():
+        pytest.skip("no C++ compiler to build the compiled kernels")
+    keys, values, keep = make_kv(CASES["mixed"], 64, torch.float32, device="cpu")
+    pool = build("reference", keys, values, keep)
+    q = torch.randn(2, 9, 1, 64)
+    attend("cpu", q, pool, 1)  # valid tables: fine
+    pool.q_len[1, 1, 2] = pool.v_codes.shape[0]
+    pool.seg_len[1, 1, 2] = pool.v_codes.shape[0] + 1
+    with native.forced(True), pytest.raises(RuntimeError, match="segment 5's tables .* point outside"):
+        attend("cpu", q, pool, 1)

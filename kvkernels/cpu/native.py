@@ -148,14 +148,6 @@ def forced(on: bool) -> Iterator[None]:
             _state.update(saved)
 
 
-def _ptr(t: torch.Tensor) -> int:
-    return t.data_ptr()
-
-
-def _threads() -> int:
-    return torch.get_num_threads()
-
-
 class SegmentTableError(RuntimeError):
     pass
 
@@ -184,31 +176,31 @@ def ragged_decode(lib, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tens
     return o, lse
 
 
-def quant_decode(lib, q_rows, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring, q_start, q_len,
-                 t_head, seg_len, bits: int, group_size: int, sm_scale: float, return_lse: bool):
-    """(o [S, G, D], lse [S, G] or None) of contiguous fp32 q_rows [S, G, D] over each segment of one layer of
-    the quantized pool (buffers contiguous, in the layouts of ``kvkernels.reference.quant_pool``; the rings
-    k_ring/v_ring [S, TC, D]; the four tables S entries each)."""
-    S, G, D = q_rows.shape
-    TC = k_ring.shape[1]
-    F = 32 // bits
-    if k_codes.shape[0] * F != v_codes.shape[0] or k_scale.shape[0] * group_size != v_codes.shape[0]:
+def quant_decode(lib, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, t_head,
+                 seg_len, bits: int, group_size: int, sm_scale: float, return_lse: bool):
+    """(o [B, Hq, 1, D], lse fp32 [B, Hq, 1] or None) of fp32 q [B, Hq, 1, D] over each segment of one layer
+    of the quantized pool (buffers in the layouts of ``kvkernels.reference.quant_pool``; the layer's rings
+    k_tail/v_tail [B, H, TC, D] and tables [B, H]); tensors that are not contiguous are copied first."""
+    B, Hq, _, D = q.shape
+    _, H, TC, _ = k_tail.shape
+    S = B * H
+    if k_codes.shape[0] * (32 // bits) != v_codes.shape[0] or k_scale.shape[0] * group_size != v_codes.shape[0]:
         raise ValueError("kvkernels.quant_pool_attention: the quantized buffers disagree on the row count")
-    q_rows, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring = (
-        t.contiguous() for t in (q_rows, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring))
-    tables = [t.reshape(S).contiguous() for t in (q_start, q_len, t_head, seg_len)]
-    o = torch.empty(S, G, D, dtype=torch.float32)
-    lse = torch.empty(S, G, dtype=torch.float32) if return_lse else None
-    code = lib.kvk_quant_decode_f32(_ptr(q_rows), _ptr(k_codes), _ptr(k_scale), _ptr(k_zero), _ptr(v_codes),
-                                    _ptr(v_scale), _ptr(v_zero), _ptr(k_ring), _ptr(v_ring), v_codes.shape[0],
-                                    *map(_ptr, tables), S, G, D, TC, bits, group_size, sm_scale, _ptr(o),
-                                    _ptr(lse) if return_lse else None, _threads())
+    tensors = [t if t.is_contiguous() else t.contiguous()
+               for t in (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len,
+                         t_head, seg_len)]
+    o = torch.empty(B, Hq, 1, D)
+    lse = torch.empty(B, Hq, 1) if return_lse else None
+    code = lib.kvk_quant_decode_f32(*(t.data_ptr() for t in tensors[:9]), v_codes.shape[0],
+                                    *(t.data_ptr() for t in tensors[9:]), S, Hq // H, D, TC, bits, group_size,
+                                    sm_scale, o.data_ptr(), lse.data_ptr() if return_lse else None,
+                                    torch.get_num_threads())
     if code:
         s = code - 1
+        start, nq, head, n = (int(t.view(-1)[s]) for t in tensors[9:])
         raise SegmentTableError(
-            f"kvkernels.quant_pool_attention: segment {s}'s tables (q_start {int(tables[0][s])}, q_len "
-            f"{int(tables[1][s])}, t_head {int(tables[2][s])}, seg_len {int(tables[3][s])}) point outside the "
-            f"pool's buffers ({v_codes.shape[0]} quantized rows, {TC} ring slots)")
+            f"kvkernels.quant_pool_attention: segment {s}'s tables (q_start {start}, q_len {nq}, t_head {head}, "
+            f"seg_len {n}) point outside the pool's buffers ({v_codes.shape[0]} quantized rows, {TC} ring slots)")
     return o, lse
 
 

@@ -230,13 +230,13 @@ def quant_pool_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     _, H, TC, _ = k_tail.shape
     S, G = B * H, Hq // H
     M = G * Lq
-    k_ring, v_ring = k_tail.reshape(S, TC, D), v_tail.reshape(S, TC, D)
     quant = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
     lib = native.library() if Lq == 1 and q.dtype == torch.float32 else None
-    if lib is not None:  # the compiled kernel reads the tables itself
-        o, lse = native.quant_decode(lib, q.reshape(S, G, D), *quant, k_ring, v_ring, q_start, q_len, t_head, seg_len,
-                                     bits, group_size, sm_scale, return_lse)
-        return o.view(B, Hq, 1, D), (lse.view(B, Hq, 1) if return_lse else o.new_empty(0))
+    if lib is not None:  # the compiled kernel: the whole layer in one call, reading the tables itself
+        o, lse = native.quant_decode(lib, q, *quant, k_tail, v_tail, q_start, q_len, t_head, seg_len, bits,
+                                     group_size, sm_scale, return_lse)
+        return o, (lse if return_lse else o.new_empty(0))
+    k_ring, v_ring = k_tail.reshape(S, TC, D), v_tail.reshape(S, TC, D)
     # Host reads (free on CPU tensors) in as few ops as possible.
     nqs, heads, lens = torch.stack((q_len, t_head, seg_len)).view(3, S).tolist()
     starts = q_start.reshape(S).tolist()
