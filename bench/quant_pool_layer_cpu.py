@@ -12,7 +12,8 @@ ratios to the reference. Also timed: the plain (unquantized) KVzip pool of the s
 
 Implementations: ``reference`` and ``cpu`` (the kernel functions, called directly), ``cpu op`` (the
 registered op under the cpu backend: validation + dispatch + kernel, what the transformers cache calls),
-and optionally an older cpu kernel file (``--old FILE``, a copy of a previous ``kvkernels/cpu/quant_pool.py``;
+``cpu op eager`` and ``fp pool op eager`` (the same with the cpu backend's compiled kernels forced off: the
+PyTorch path a machine without a C++ compiler runs), and optionally an older cpu kernel file (``--old FILE``, a copy of a previous ``kvkernels/cpu/quant_pool.py``;
 its missing ops fall back to the reference's, as the backend would).
 
 Run: ``OMP_NUM_THREADS=1 python -m bench.quant_pool_layer_cpu [--lengths 700,450,650] [--slack 256] [--rounds 15]
@@ -22,6 +23,7 @@ Run: ``OMP_NUM_THREADS=1 python -m bench.quant_pool_layer_cpu [--lengths 700,450
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -33,6 +35,7 @@ import time
 import torch
 
 import kvkernels
+from kvkernels.cpu import native
 from kvkernels.cpu import quant_pool as cpu_qp
 from kvkernels.reference import quant_pool as ref_qp
 
@@ -151,9 +154,16 @@ def main(argv=None):
         old = load_module(args.old, "old_cpu_quant_pool")
         impls["old cpu"] = kernel_calls(getattr(old, "quant_pool_append", ref_qp.quant_pool_append),
                                         old.quant_pool_attention)
+    impls["cpu op eager"] = op_calls()
     impls["fp pool op"] = fp_calls()
-    pools = {name: make_pool(lengths, D, 2, 32, 128, args.slack) for name in impls if name != "fp pool op"}
+    impls["fp pool op eager"] = fp_calls()
+    eager = {"cpu op eager", "fp pool op eager"}  # run with the compiled kernels forced off
+    pools = {name: make_pool(lengths, D, 2, 32, 128, args.slack) for name in impls if not name.startswith("fp pool")}
     pools["fp pool op"] = FpPool(lengths, D, args.slack)
+    pools["fp pool op eager"] = FpPool(lengths, D, args.slack)
+
+    def mode(name):
+        return native.forced(False) if name in eager else contextlib.nullcontext()
     saved = {name: [t.clone() for t in pool.lengths()] for name, pool in pools.items()}
     gen = torch.Generator().manual_seed(1)
     inputs = [(torch.randn(1, H * G, 1, D, generator=gen), torch.randn(1, H, 1, D, generator=gen),
@@ -162,13 +172,14 @@ def main(argv=None):
     outputs = {}
     for name, (append, attend) in impls.items():  # warm-up, and a check that every implementation agrees
         outs = []
-        for q, k, v in inputs:
-            append(pools[name], k, v)
-            outs.append(attend(pools[name], q))
+        with mode(name):
+            for q, k, v in inputs:
+                append(pools[name], k, v)
+                outs.append(attend(pools[name], q))
         outputs[name] = outs
         rollback(pools[name], saved[name])
     for name, outs in outputs.items():
-        if name == "fp pool op":  # not quantized: its outputs differ by the quantization error
+        if name.startswith("fp pool"):  # not quantized: its outputs differ by the quantization error
             continue
         err = max(float((a - b).abs().max()) for a, b in zip(outs, outputs["reference"]))
         assert err < 1e-4, f"{name} differs from the reference by {err}"
@@ -176,7 +187,8 @@ def main(argv=None):
     times = {name: ([], []) for name in impls}
     for _ in range(args.rounds):
         for name, calls in impls.items():
-            t_append, t_attend = timed_cycle(pools[name], saved[name], calls, inputs)
+            with mode(name):
+                t_append, t_attend = timed_cycle(pools[name], saved[name], calls, inputs)
             times[name][0].append(t_append)
             times[name][1].append(t_attend)
     med = {name: (statistics.median(a), statistics.median(b), statistics.median(x + y for x, y in zip(a, b)))

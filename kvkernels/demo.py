@@ -150,7 +150,14 @@ def run_demo(people: int = 16, keep: float = 0.3, questions: int = 4, max_new_to
     else:
         with _progress.step("loading SmolLM2-135M-Instruct (about 25 s on 2 CPU cores)", not quiet):
             model, tokenizer = load_smollm2(device=device)
-    backend = "Triton kernels" if model.device.type == "cuda" else "cpu kernels"
+    if model.device.type == "cuda":
+        backend = "Triton kernels"
+    else:
+        from kvkernels.cpu import native
+
+        on = native.library() is not None  # built here (about 2 s, once per machine), not inside a timed step
+        backend = "cpu kernels, " + ("compiled decode kernels" if on else "no compiled decode kernels (see README, "
+                                     "Backends): the decode step runs PyTorch ops")
     print(f"model loaded in {time.perf_counter() - t0:.1f} s on {model.device} ({model.dtype}); "
           f"kvkernels backend: {backend}", file=out)
 

@@ -4,8 +4,7 @@ The decode step's common case runs the compiled kernels of :mod:`kvkernels.cpu.n
 available: fp32 attention with one query row (every segment of the layer in one call, quantized rows
 dequantized as they are read) and appends in which no segment flushes a group (the new rows go into their
 ring slots). What follows is the PyTorch path, for every other case and for machines without a C++
-compiler; fp32 decode there attends each segment alone (its dequantized rows and ring rows, matmuls and
-one softmax; no mask, no products across segments).
+compiler.
 
 On CPU a decode step's cost at a few thousand tokens is mostly the fixed cost of each tensor op, so both
 kernels read the small per-layer tables (``q_start``, ``q_len``, ``t_head``, ``seg_len``, capacities) on
@@ -182,47 +181,6 @@ def _attend_block(q_rows, quant, k_ring, v_ring, starts, nqs, heads, lens, G, Lq
     return o, lse
 
 
-def _decode_fp32(q_rows, quant, k_ring, v_ring, starts, nqs, heads, lens, bits, gs, sm_scale, return_lse):
-    """(o [S, G, D], lse [S, G] or None) of fp32 q_rows [S, G, D] (one query row per head), each segment
-    attended alone: its dequantized rows, then its ring's live rows, as one softmax over both."""
-    S, TC, D = k_ring.shape
-    G = q_rows.shape[1]
-    live = [s for s in range(S) if nqs[s]]
-    if live:  # the quantized rows of all segments are one slice of the codes: dequantized in one pass set
-        first = min(starts[s] for s in live)
-        rows = max(starts[s] + nqs[s] for s in live) - first
-        keys, values = _scratch("keys", (rows, D), k_ring.dtype), _scratch("values", (rows, D), k_ring.dtype)
-        _dequantize_rows(*quant, first, rows, keys, values, bits, gs)
-    q_scaled = q_rows * sm_scale
-    outs, lses = [], []
-    for s in range(S):
-        pieces = []  # (keys, values) row sets of the segment, in token order
-        if nqs[s]:
-            at = starts[s] - first
-            pieces.append((keys[at:at + nqs[s]], values[at:at + nqs[s]]))
-        for slot, count in _ring_slices(heads[s], lens[s] - nqs[s], TC):
-            pieces.append((k_ring[s, slot:slot + count], v_ring[s, slot:slot + count]))
-        if not pieces:
-            outs.append(q_rows.new_zeros(G, D))
-            lses.append(q_rows.new_full((G,), _NEG_INF))
-            continue
-        logits = torch.cat([torch.mm(q_scaled[s], k.t()) for k, _ in pieces], 1) if len(pieces) > 1 else \
-            torch.mm(q_scaled[s], pieces[0][0].t())  # [G, n]
-        if return_lse:
-            row_lse = torch.logsumexp(logits, 1)
-            lses.append(row_lse)
-            probs = logits.sub_(row_lse[:, None]).exp_()
-        else:
-            probs = torch.softmax(logits, 1)
-        at = pieces[0][1].shape[0]
-        o = torch.mm(probs[:, :at], pieces[0][1])
-        for _, v in pieces[1:]:
-            o.addmm_(probs[:, at:at + v.shape[0]], v)
-            at += v.shape[0]
-        outs.append(o)
-    return torch.stack(outs), (torch.stack(lses) if return_lse else None)
-
-
 def quant_pool_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len,
                          t_head, seg_len, bits, group_size, sm_scale, return_lse):
     """Same contract as :func:`kvkernels.reference.quant_pool.quant_pool_attention`."""
@@ -240,10 +198,6 @@ def quant_pool_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     # Host reads (free on CPU tensors) in as few ops as possible.
     nqs, heads, lens = torch.stack((q_len, t_head, seg_len)).view(3, S).tolist()
     starts = q_start.reshape(S).tolist()
-    if Lq == 1 and q.dtype == torch.float32:
-        o, lse = _decode_fp32(q.reshape(S, G, D), quant, k_ring, v_ring, starts, nqs, heads, lens, bits,
-                              group_size, sm_scale, return_lse)
-        return o.view(B, Hq, 1, D), (lse.view(B, Hq, 1) if return_lse else o.new_empty(0))
     # Segment s = (b, h) owns query heads h*G .. h*G + G - 1: in q these are G*Lq consecutive rows.
     q_rows = q.reshape(1, 1, S * M, D)
     if q_rows.stride(-1) != 1:
