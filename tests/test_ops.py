@@ -5,6 +5,7 @@ Numerical correctness of each op lives in tests/test_<family>.py; here every op 
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -342,3 +343,32 @@ def test_fast_checks_imply_detailed_checks(case, monkeypatch):
                 rejected += 1
                 assert not fast(*mutated), f"the fast check accepts argument {i} = {bad!r:.80}, which is invalid"
     assert rejected >= len(args), "too few invalid variants: the test would not test the fast check"
+
+
+def test_cpu_compiled_kernels_fall_back_with_a_warning(monkeypatch, tmp_path):
+    """No usable compiler: one RuntimeWarning that says why, then the PyTorch path (same results);
+    KVKERNELS_NATIVE=0: the PyTorch path, silently."""
+    from kvkernels.cpu import native
+
+    q = rand(1, 3, 1, 64)
+    pool = rand(16, 64), rand(16, 64)
+    tables = torch.zeros(1, 1, dtype=torch.int64), torch.full((1, 1), 8, dtype=torch.int32)
+    with kvkernels.use_backend("reference"):
+        want = kvkernels.ragged_attention(q, *pool, *tables)
+    monkeypatch.setenv("KVKERNELS_CACHE_DIR", str(tmp_path))  # nothing built there yet
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    native.reset()
+    try:
+        with pytest.warns(RuntimeWarning, match="compiled decode kernels are unavailable .*build failed"):
+            assert native.library() is None
+        assert "off, build failed" in native.status()
+        with kvkernels.use_backend("cpu"):
+            torch.testing.assert_close(kvkernels.ragged_attention(q, *pool, *tables), want)
+        native.reset()
+        monkeypatch.setenv("KVKERNELS_NATIVE", "0")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert native.library() is None
+        assert native.status() == "compiled decode kernels: off, turned off by KVKERNELS_NATIVE=0"
+    finally:
+        native.reset()

@@ -1,7 +1,7 @@
 """The cpu backend's compiled decode kernels (``native/decode.cpp``): built on first use, called via ctypes.
 
 The source is plain C++ with a C ABI (no PyTorch headers), so building it takes the system compiler about
-a second: ``c++ -O3 -march=native -fopenmp -shared``. The library is cached under
+a few seconds: ``c++ -O3 -march=native -fopenmp -shared``. The library is cached under
 ``$KVKERNELS_CACHE_DIR`` (default ``~/.cache/kvkernels``) by a hash of the source, the flags and the
 machine, and rebuilt only when one of them changes. Kernels receive raw pointers: every caller passes
 contiguous tensors of the checked dtypes, and the kernels check every table entry against the buffer
@@ -118,6 +118,12 @@ def status() -> str:
     return ("compiled decode kernels: " + ("on, " if lib is not None else "off, ") + _state["why"])
 
 
+def reset() -> None:
+    """Forget the loaded state: the next call re-reads KVKERNELS_NATIVE and the compiler (tests)."""
+    with _lock:
+        _state.clear()
+
+
 def compiler_available() -> bool:
     return _compiler() is not None
 
@@ -168,6 +174,8 @@ def ragged_decode(lib, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tens
                                      k_pool.stride(0), v_pool.stride(0), starts.data_ptr(), lens.data_ptr(), S,
                                      Hq * B // S, D, sm_scale, o.data_ptr(), lse.data_ptr() if return_lse else None,
                                      torch.get_num_threads())
+    if code < 0:
+        raise ValueError(f"kvkernels.ragged_attention: no compiled decode kernel for head dim {D}")
     if code:
         s = code - 1
         start, n = int(starts.view(-1)[s]), int(lens.view(-1)[s])
@@ -195,6 +203,8 @@ def quant_decode(lib, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_t
                                     *(t.data_ptr() for t in tensors[9:]), S, Hq // H, D, TC, bits, group_size,
                                     sm_scale, o.data_ptr(), lse.data_ptr() if return_lse else None,
                                     torch.get_num_threads())
+    if code < 0:
+        raise ValueError(f"kvkernels.quant_pool_attention: no compiled decode kernel for head dim {D}")
     if code:
         s = code - 1
         start, nq, head, n = (int(t.view(-1)[s]) for t in tensors[9:])
