@@ -1,11 +1,12 @@
 """The cpu backend's compiled decode kernels (``native/decode.cpp``): built on first use, called via ctypes.
 
-The source is plain C++ with a C ABI (no PyTorch headers), so building it takes the system compiler about
-a few seconds: ``c++ -O3 -march=native -fopenmp -shared``. The library is cached under
-``$KVKERNELS_CACHE_DIR`` (default ``~/.cache/kvkernels``) by a hash of the source, the flags and the
-machine, and rebuilt only when one of them changes. Kernels receive raw pointers: every caller passes
-contiguous tensors of the checked dtypes, and the kernels check every table entry against the buffer
-sizes before reading (a bad table gives an error, never an out-of-bounds read).
+The source is plain C++ with a C ABI (no PyTorch headers), so building it takes the system compiler a few
+seconds: ``c++ -O3 -march=native -fopenmp -shared`` (without ``-fopenmp`` if that fails: one thread, same
+results). The library is cached under ``$KVKERNELS_CACHE_DIR`` (default ``~/.cache/kvkernels``) by a hash
+of the source, the flags and the machine, and rebuilt only when one of them changes. Kernels receive raw
+pointers: every caller passes contiguous tensors of the checked dtypes (copying any that is not), and the
+kernels check every table entry against the buffer sizes before any access (a bad table gives an error,
+never an out-of-bounds read or write).
 
 ``KVKERNELS_NATIVE=0`` turns the compiled kernels off (the eager PyTorch path runs instead, same results
 within fp32 rounding). Without a working compiler the eager path runs too, after one warning that says
@@ -48,10 +49,10 @@ def _compiler() -> Optional[str]:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
-def _build(cxx: str) -> Path:
+def _build(cxx: str, flags: tuple[str, ...]) -> Path:
     """Compile the source into the cache (atomically: a concurrent build writes its own file, then renames)."""
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((cxx, *FLAGS, platform.machine(), platform.node())).encode())
+    key = hashlib.sha256(source + " ".join((cxx, *flags, platform.machine(), platform.node())).encode())
     out_dir = _cache_dir() / "native"
     lib = out_dir / f"decode-{key.hexdigest()[:16]}.so"
     if lib.exists():
@@ -60,13 +61,25 @@ def _build(cxx: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        result = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        result = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {result.stderr.strip()[-2000:]}")
         os.replace(tmp, lib)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return lib
+
+
+def _load(cxx: str) -> ctypes.CDLL:
+    """Build (or find in the cache) and load the kernels; a compiler without OpenMP gets a single-threaded build
+    (the pragmas are then ignored: same results)."""
+    try:
+        path = _build(cxx, FLAGS)
+    except RuntimeError:
+        path = _build(cxx, tuple(f for f in FLAGS if f != "-fopenmp"))
+    lib = ctypes.CDLL(str(path))
+    _declare(lib)
     return lib
 
 
@@ -98,15 +111,13 @@ def library() -> Optional[ctypes.CDLL]:
                 why = "no C++ compiler found (set CXX, or install g++)"
             else:
                 try:
-                    path = _build(cxx)
-                    lib = ctypes.CDLL(str(path))
-                    _declare(lib)
-                    why = f"built with {cxx} ({path})"
+                    lib = _load(cxx)
+                    why = f"built with {cxx} ({lib._name})"
                 except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                     lib, why = None, f"build failed: {exc}"
             if lib is None:
                 warnings.warn(f"kvkernels: the cpu backend's compiled decode kernels are unavailable ({why}); "
-                              "decode attention runs the slower eager PyTorch path", RuntimeWarning, stacklevel=2)
+                              "the decode step runs the slower PyTorch path", RuntimeWarning, stacklevel=2)
         state["why"] = why
         state["lib"] = lib
         return lib
@@ -139,9 +150,7 @@ def forced(on: bool) -> Iterator[None]:
             cxx = _compiler()
             if cxx is None:
                 raise RuntimeError("kvkernels: no C++ compiler found to build the compiled decode kernels")
-            lib = ctypes.CDLL(str(_build(cxx)))
-            _declare(lib)
-            new = {"lib": lib, "why": f"forced on, built with {cxx}"}
+            new = {"lib": _load(cxx), "why": f"forced on, built with {cxx}"}
         else:
             new = {"lib": None, "why": "forced off"}
         with _lock:

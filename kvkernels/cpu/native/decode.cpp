@@ -1,6 +1,7 @@
 // Decode attention (one query row per head, fp32) over a ragged KV pool and over the KIVI-quantized pool,
-// for the cpu backend. Plain C ABI, no PyTorch headers: kvkernels/cpu/native.py compiles it with the
-// system C++ compiler on first use (about a second) and calls it through ctypes with raw pointers.
+// and the appends that feed them, for the cpu backend. Plain C ABI, no PyTorch headers: kvkernels/cpu/native.py
+// compiles it with the system C++ compiler on first use (a few seconds) and calls it through ctypes with
+// raw pointers.
 //
 // Why C++ here: a decode step of a small model on a CPU is a few dozen tiny products per layer; in eager
 // PyTorch each costs its fixed dispatch cost (5-15 us) more than its arithmetic. One call per layer does
@@ -10,7 +11,7 @@
 // Work is split flash-decoding style into (segment, chunk of CHUNK rows) items, spread over OpenMP
 // threads; each item keeps a running max, sum and output per head, and the items of a segment are merged
 // by log-sum-exp at the end. Every index is checked against the buffer sizes passed in before anything
-// is read: a bad table returns a nonzero code (the caller raises), never an out-of-bounds read.
+// is read or written: a bad table returns a nonzero code (the caller raises), never an out-of-bounds access.
 
 #include <algorithm>
 #include <cmath>
@@ -32,8 +33,8 @@ struct Item {
 // Row pointers of one chunk: keys and values of rows first .. first + count of a segment.
 struct RowSource {
   virtual ~RowSource() = default;
+  virtual bool needs_scratch() const = 0;  // rows() writes dequantized rows into scratch
   // Fill k[i], v[i] (i < count) with pointers to D floats; scratch holds 2 * count * D floats if needed.
-  virtual bool needs_scratch() const = 0;
   virtual void rows(int64_t seg, int64_t first, int64_t count, const float** k, const float** v,
                     float* scratch) const = 0;
 };
