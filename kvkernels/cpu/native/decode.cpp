@@ -43,6 +43,8 @@ struct PoolRows : RowSource {
   const float *k_pool, *v_pool;
   int64_t k_stride, v_stride;
   const int64_t* start;
+  PoolRows(const float* k_pool, const float* v_pool, int64_t k_stride, int64_t v_stride, const int64_t* start)
+      : k_pool(k_pool), v_pool(v_pool), k_stride(k_stride), v_stride(v_stride), start(start) {}
   bool needs_scratch() const override { return false; }
   void rows(int64_t seg, int64_t first, int64_t count, const float** k, const float** v, float*) const override {
     const int64_t row0 = start[seg] + first;
@@ -61,6 +63,13 @@ struct QuantRows : RowSource {
   const int64_t* q_start;
   const int32_t *q_len, *t_head;
   int64_t D, TC, bits, gs;
+  QuantRows(const int32_t* k_codes, const float* k_scale, const float* k_zero, const int32_t* v_codes,
+            const float* v_scale, const float* v_zero, const float* k_tail, const float* v_tail,
+            const int64_t* q_start, const int32_t* q_len, const int32_t* t_head, int64_t D, int64_t TC, int64_t bits,
+            int64_t gs)
+      : k_codes(k_codes), v_codes(v_codes), k_scale(k_scale), k_zero(k_zero), v_scale(v_scale), v_zero(v_zero),
+        k_tail(k_tail), v_tail(v_tail), q_start(q_start), q_len(q_len), t_head(t_head), D(D), TC(TC), bits(bits),
+        gs(gs) {}
   bool needs_scratch() const override { return true; }
   void rows(int64_t seg, int64_t first, int64_t count, const float** k, const float** v,
             float* scratch) const override {
@@ -268,13 +277,8 @@ int kvk_ragged_decode_f32(const float* q, const float* k_pool, const float* v_po
     if (seg_start[s] < 0 || seg_len[s] < 0 || seg_start[s] + seg_len[s] > n_rows) return static_cast<int>(1 + s);
     rows[s] = seg_len[s];
   }
-  PoolRows src;
-  src.k_pool = k_pool;
-  src.v_pool = v_pool;
-  src.k_stride = k_stride;
-  src.v_stride = v_stride;
-  src.start = seg_start;
-  attend_all(kernel, src, q, rows, G, D, scale, out, lse, threads);
+  attend_all(kernel, PoolRows(k_pool, v_pool, k_stride, v_stride, seg_start), q, rows, G, D, scale, out, lse,
+             threads);
   return 0;
 }
 
@@ -297,22 +301,8 @@ int kvk_quant_decode_f32(const float* q, const int32_t* k_codes, const float* k_
       return static_cast<int>(1 + s);
     rows[s] = n;
   }
-  QuantRows src;
-  src.k_codes = k_codes;
-  src.v_codes = v_codes;
-  src.k_scale = k_scale;
-  src.k_zero = k_zero;
-  src.v_scale = v_scale;
-  src.v_zero = v_zero;
-  src.k_tail = k_tail;
-  src.v_tail = v_tail;
-  src.q_start = q_start;
-  src.q_len = q_len;
-  src.t_head = t_head;
-  src.D = D;
-  src.TC = TC;
-  src.bits = bits;
-  src.gs = gs;
+  const QuantRows src(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, t_head, D,
+                      TC, bits, gs);
   attend_all(kernel, src, q, rows, G, D, scale, out, lse, threads);
   return 0;
 }
