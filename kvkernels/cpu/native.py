@@ -1,4 +1,4 @@
-"""The cpu backend's compiled decode kernels (``native/decode.cpp``): built on first use, called via ctypes.
+"""The cpu backend's compiled decode kernels (``csrc/decode.cpp``): built on first use, called via ctypes.
 
 The source is plain C++ with a C ABI (no PyTorch headers), so building it takes the system compiler a few
 seconds: ``c++ -O3 -march=native -fopenmp -shared`` (without ``-fopenmp`` if that fails: one thread, same
@@ -30,7 +30,7 @@ from typing import Iterator, Optional
 
 import torch
 
-SOURCE = Path(__file__).with_name("native") / "decode.cpp"
+SOURCE = Path(__file__).with_name("csrc") / "decode.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
 _lock = threading.Lock()
