@@ -13,7 +13,8 @@ ratios to the reference. Also timed: the plain (unquantized) KVzip pool of the s
 Implementations: ``reference`` and ``cpu`` (the kernel functions, called directly), ``cpu op`` (the
 registered op under the cpu backend: validation + dispatch + kernel, what the transformers cache calls),
 ``cpu op eager`` and ``fp pool op eager`` (the same with the cpu backend's compiled kernels forced off: the
-PyTorch path a machine without a C++ compiler runs), and optionally an older cpu kernel file (``--old FILE``, a copy of a previous ``kvkernels/cpu/quant_pool.py``;
+PyTorch path a machine without a C++ compiler runs), and optionally an older cpu kernel file (``--old
+FILE``, a copy of a previous ``kvkernels/cpu/quant_pool.py``;
 its missing ops fall back to the reference's, as the backend would).
 
 Run: ``OMP_NUM_THREADS=1 python -m bench.quant_pool_layer_cpu [--lengths 700,450,650] [--slack 256] [--rounds 15]

@@ -26,8 +26,9 @@ def kvzip_score(q, k, k_self, sink_len: int, chunk_start: int, chunk_end: int, s
 
     ``row_lse`` fp32 [B, Hq, Lq], optional: the log-sum-exp of each query row's scaled logits over exactly
     those keys, when the caller already has it (an attention over the same rows and keys computes it).
-    Every backend then takes the probability as ``exp(logit - row_lse)`` and skips its own LSE pass. It is not recomputed or checked against the keys: pass the
-    LSE over the keys above, not over the whole context, when the chunk does not cover all of it.
+    Every backend then takes the probability as ``exp(logit - row_lse)`` and skips its own LSE pass. It is
+    not recomputed or checked against the keys: pass the LSE over the keys above, not over the whole
+    context, when the chunk does not cover all of it.
     """
     return _k.kvzip_score(q, k, k_self, sink_len, chunk_start, chunk_end, sm_scale, row_lse)
 

@@ -69,6 +69,11 @@ def running(backend):
     return stack
 
 
+def builder(backend):
+    """The backend that builds a pool for ``backend`` (the cpu backends build with the reference)."""
+    return "reference" if backend in ("cpu", "cpu-eager") else backend
+
+
 def append(backend, pool, layer, k, v, flush_after=False):
     with running(backend):
         kvkernels.quant_pool_append(pool, layer, k, v, flush_after=flush_after)
@@ -333,7 +338,7 @@ def test_flush_order_on_the_append_that_completes_a_group(backend):
     keys, values, keep = make_kv([[[31]]], 64, torch.float32)
     k1, v1 = torch.randn(1, 1, 1, 64, device=DEVICE), torch.randn(1, 1, 1, 64, device=DEVICE)
     for flush_after, q_now in ((False, 0), (True, 32)):
-        pool = build(backend if backend not in ("cpu", "cpu-eager") else "reference", keys, values, keep, 2, 32, 0, slack=8)
+        pool = build(builder(backend), keys, values, keep, 2, 32, 0, slack=8)
         assert pool.q_len.item() == 0 and pool.seg_len.item() == 31
         append(backend, pool, 0, k1, v1, flush_after)
         assert pool.q_len.item() == q_now and pool.seg_len.item() == 32
@@ -359,7 +364,7 @@ def test_overflow_writes_nothing_and_raises(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rollback_is_exact(backend):
     keys, values, keep = make_kv(CASES["mixed"], 64, torch.float16)
-    pool = build(backend if backend not in ("cpu", "cpu-eager") else "reference", keys, values, keep, 2, 32, 8, slack=40)
+    pool = build(builder(backend), keys, values, keep, 2, 32, 8, slack=40)
     q = torch.randn(2, 9, 1, 64, device=DEVICE).half()
     o0 = attend(backend, q, pool, 1, lse=False)
     saved = [t.clone() for t in pool.lengths()]

@@ -164,7 +164,7 @@ def forced(on: bool) -> Iterator[None]:
 
 
 class SegmentTableError(RuntimeError):
-    pass
+    """A segment table that points outside the buffers it indexes (found by a compiled kernel, nothing read)."""
 
 
 def ragged_decode(lib, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, seg_start: torch.Tensor,

@@ -7,8 +7,8 @@ already proportional to the rows it copies; see the README's backend table for i
 of every segment checked first, then one row copy per segment and K/V, ``seg_len += t``: no tensor ops,
 no host reads in Python). Without it, it reads the layer's segment table on the host (free for CPU
 tensors), checks capacity in Python, then writes the new rows with one copy per K and V: into a strided
-view of the pool when the layer's segments are evenly spaced and equally long (how ``compact_kv`` lays out an un-evicted
-cache or a per-head budget), else with one ``index_copy_`` over the destination rows. Overflow raises
+view of the pool when the layer's segments are evenly spaced and equally long (how ``compact_kv`` lays
+out an un-evicted cache or a per-head budget), else with one ``index_copy_`` over the destination rows. Overflow raises
 ``PoolOverflowError`` before anything is written, the same message as the reference; host syncs cost
 nothing on CPU, so the cpu backend checks at once also inside ``deferred_overflow_checks`` (whose
 deferral exists to keep CUDA graphs free of syncs).

@@ -11,10 +11,10 @@ and it returns the log-sum-exp). Segments that share a length and sit at evenly 
 segment of a per-head or per-layer budget, or an un-evicted cache, as ``compact_kv`` lays them out)
 are batched into one call over a strided view of the pool; the others get one call each.
 
-Decode in fp32 (Lq = 1) without the compiled kernel skips the fused kernel: per segment, one matmul of the group's G
-query rows with the segment's keys, a softmax over its n rows and one matmul with its values (PyTorch's
-flash kernel is built for blocks of query rows; with G = 3 rows its per-call and per-block setup costs
-several times the arithmetic). fp16/bf16 keep the fused kernel, which accumulates in fp32.
+Decode in fp32 (Lq = 1) without the compiled kernel skips the fused kernel: per segment, one matmul of the
+group's G query rows with the segment's keys, a softmax over its n rows and one matmul with its values
+(PyTorch's flash kernel is built for blocks of query rows; with G = 3 rows its per-call and per-block
+setup costs several times the arithmetic). fp16/bf16 keep the fused kernel, which accumulates in fp32.
 
 The G query heads of a KV head and their Lq rows are the G*Lq rows of one query "head", so one call
 serves the whole GQA group. Lq > 1 (question prefill) is bottom-right causal per segment through an
