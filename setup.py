@@ -16,7 +16,7 @@ setup(
     packages=find_packages(include=["kvkernels", "kvkernels.*"]) + ["kvkernels.reference", "autotune"],
     # The references live in the top-level reference/ folder but install under the kvkernels namespace.
     package_dir={"kvkernels.reference": "reference"},
-    package_data={"kvkernels": ["configs/*.json", "cpu/csrc/*.cpp"]},
+    package_data={"kvkernels": ["configs/*.json", "cpu/csrc/*.cpp", "cpu/csrc/*.h"]},
     install_requires=["torch>=2.6"],
     extras_require={
         "triton": ["triton>=3.2"],

@@ -156,8 +156,8 @@ def run_demo(people: int = 16, keep: float = 0.3, questions: int = 4, max_new_to
         from kvkernels.cpu import native
 
         on = native.library() is not None  # built here (a few seconds, once per machine), not in a timed step
-        backend = "cpu kernels, " + ("compiled decode kernels" if on else "no compiled decode kernels (see README, "
-                                     "Backends): the decode step runs PyTorch ops")
+        backend = "cpu kernels, " + ("compiled kernels" if on else "no compiled kernels (see README, Backends): "
+                                     "the decode step and KVzip scoring run PyTorch ops")
     print(f"model loaded in {time.perf_counter() - t0:.1f} s on {model.device} ({model.dtype}); "
           f"kvkernels backend: {backend}", file=out)
 

@@ -4,6 +4,7 @@ The Triton kernels run under the interpreter on CPU (tests/conftest.py sets TRIT
 shapes stay small; chunk lengths and row counts are chosen not to be multiples of the tiles.
 """
 
+import contextlib
 import math
 
 import pytest
@@ -14,7 +15,9 @@ from hypothesis import strategies as st
 import kvkernels
 from kvkernels.reference.kvzip_score import kvzip_score as reference_kvzip_score
 
-BACKENDS = ["reference", "cpu", "triton"]
+# The cpu backend's max pass runs the compiled kernel (kvkernels/cpu/csrc/kvzip_score.cpp) when it is built;
+# "cpu-eager" is the same backend with it forced off (the PyTorch path that runs without a C++ compiler).
+BACKENDS = ["reference", "cpu", "cpu-eager", "triton"]
 # Inputs are exactly representable in fp32 and every backend computes in fp32: tolerances are fp32's.
 TOL = {torch.float32: dict(rtol=1e-4, atol=2e-6), torch.float16: dict(rtol=1e-4, atol=2e-6),
        torch.bfloat16: dict(rtol=1e-4, atol=2e-6)}
@@ -77,7 +80,11 @@ CASE_IDS = [f"B{c[0]}-Hq{c[1]}-Hkv{c[2]}-Lq{c[3]}-D{c[4]}-sink{c[6]}-chunk{c[7]}
 
 
 def run_op(backend, *args, **kwargs):
-    with kvkernels.use_backend(backend):
+    from kvkernels.cpu import native
+
+    eager = backend == "cpu-eager"
+    backend = "cpu" if eager else backend
+    with kvkernels.use_backend(backend), native.forced(False) if eager else contextlib.nullcontext():
         out = kvkernels.kvzip_score(*args, **kwargs)
         assert kvkernels.last_choice() == ("kvzip_score", backend)
     return out
@@ -234,12 +241,15 @@ def test_cpu_blocks_match_one_block(case, monkeypatch):
     """The cpu kernel's pass over chunk keys and query rows in many small blocks gives the one-block answer."""
     from kvkernels.cpu import kvzip_score as cpu_mod
 
+    from kvkernels.cpu import native
+
     B, Hq, Hkv, Lq, D, N, sink, cs, ce = case
     q, k, ks = make_inputs(B, Hq, Hkv, Lq, D, N, torch.float32, "cpu")
-    whole = cpu_mod.kvzip_score(q, k, ks, sink, cs, ce, 0.1)
-    monkeypatch.setattr(cpu_mod, "_KEYS_PER_BLOCK", 8)  # several key blocks per chunk, the last one partial
-    monkeypatch.setattr(cpu_mod, "_ROWS_PER_BLOCK", 4)  # several row blocks (G*Lq is 5, 21 and 12 here)
-    blocked = cpu_mod.kvzip_score(q, k, ks, sink, cs, ce, 0.1)
+    with native.forced(False):  # the eager path's blocks (the compiled kernel has its own tiles)
+        whole = cpu_mod.kvzip_score(q, k, ks, sink, cs, ce, 0.1)
+        monkeypatch.setattr(cpu_mod, "_KEYS_PER_BLOCK", 8)  # several key blocks per chunk, the last one partial
+        monkeypatch.setattr(cpu_mod, "_ROWS_PER_BLOCK", 4)  # several row blocks (G*Lq is 5, 21 and 12 here)
+        blocked = cpu_mod.kvzip_score(q, k, ks, sink, cs, ce, 0.1)
     torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(blocked, reference_kvzip_score(q, k, ks, sink, cs, ce, 0.1), **TOL[torch.float32])
 
@@ -259,3 +269,28 @@ def test_row_lse_is_taken_as_given(case, dtype, backend, device, poisoned):
     want = naive_kvzip_score(q, k, ks, sink, cs, ce, 0.2, row_lse=row_lse)
     assert (want - naive_kvzip_score(q, k, ks, sink, cs, ce, 0.2)).abs().max() > 1e-3  # the offsets matter
     torch.testing.assert_close(got.double().cpu(), want, **TOL[dtype])
+
+
+# ---------------------------------------------------------------------------------------------------
+# the cpu backend's compiled max pass
+@pytest.mark.parametrize("D", [64, 128, 256, 48], ids=["D64", "D128", "D256", "D48-no-kernel"])
+@pytest.mark.parametrize("rows_keys", [(1, 1), (4, 48), (5, 49), (35, 95)], ids=["1x1", "tile", "tile+1", "odd"])
+def test_cpu_compiled_max_pass_matches_eager(rows_keys, D):
+    """The compiled pass (row and key counts around its 4-row x 48-key tile; D 48 has no kernel and takes the
+    eager path) gives the eager pass's maxima, reading the chunk keys out of a larger key tensor."""
+    from kvkernels.cpu import kvzip_score as cpu_mod
+    from kvkernels.cpu import native
+
+    R, m = rows_keys
+    q_rows = torch.randn(3, R, D)
+    k = torch.randn(1, 3, m + 9, D)
+    lse = torch.randn(3, R) + 4
+    scale = D ** -0.5
+    with native.forced(False):
+        want = cpu_mod._max_logit_minus_lse(q_rows, scale, k, lse, 5, 5 + m)
+    with native.forced(True):
+        lib = native.library()
+        got = cpu_mod._max_logit_minus_lse(q_rows, scale, k, lse, 5, 5 + m)
+        direct = native.score_max(lib, q_rows, scale, lse, k[0, :, 5:5 + m])
+    assert (direct is None) == (D == 48)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -6,6 +6,7 @@ Numerical correctness of each op lives in tests/test_<family>.py; here every op 
 
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -359,7 +360,7 @@ def test_cpu_compiled_kernels_fall_back_with_a_warning(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     native.reset()
     try:
-        with pytest.warns(RuntimeWarning, match="compiled decode kernels are unavailable .*build failed"):
+        with pytest.warns(RuntimeWarning, match="compiled kernels are unavailable .*build failed"):
             assert native.library() is None
         assert "off, build failed" in native.status()
         with kvkernels.use_backend("cpu"):
@@ -369,6 +370,22 @@ def test_cpu_compiled_kernels_fall_back_with_a_warning(monkeypatch, tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert native.library() is None
-        assert native.status() == "compiled decode kernels: off, turned off by KVKERNELS_NATIVE=0"
+        assert native.status() == "compiled kernels: off, turned off by KVKERNELS_NATIVE=0"
     finally:
         native.reset()
+
+
+def test_compiled_kernel_sources_ship_with_the_package():
+    """Every file the build reads (sources and headers) matches setup.py's package_data, so an installed
+    kvkernels can build its cpu kernels; and every file in csrc/ is one the build reads."""
+    import fnmatch
+    import re
+
+    from kvkernels.cpu import native
+
+    setup = (Path(__file__).parents[1] / "setup.py").read_text()
+    globs = re.findall(r'"(cpu/csrc/[^"]+)"', setup)
+    package = Path(native.__file__).parents[1]
+    built = {path.relative_to(package).as_posix() for path in native.SOURCES + native.HEADERS}
+    assert built and all(any(fnmatch.fnmatch(path, g) for g in globs) for path in built), (built, globs)
+    assert {p.relative_to(package).as_posix() for p in native.CSRC.iterdir()} == built

@@ -589,30 +589,44 @@ def test_overlapping_segments_never_write_past_the_workspace(monkeypatch):
     torch.testing.assert_close(o[:, :G], o_ref[:, :G], **TOL[torch.float32])  # head 0's items fit the bound
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("G, D", [(3, 64), (4, 128)])
-def test_context_then_causal_self_matches_masked_sdpa(dtype, G, D):
-    """KVzip's reconstruction attention on CPU: every context row visible, self rows causal; equal to SDPA
-    with the dense mask (odd sizes; the query is strided as transformers passes it)."""
+# KVzip's reconstruction attention on CPU. "compiled" is the fp32 kernel (kvkernels/cpu/csrc/attention.cpp),
+# "eager" the PyTorch path (without a C++ compiler, and for every other dtype); bf16 runs the eager path only.
+RECONSTRUCTION_PATHS = [(torch.float32, "compiled"), (torch.float32, "eager"), (torch.bfloat16, "eager")]
+
+
+def reconstruction_path(path):
+    from kvkernels.cpu import native
+
+    return native.forced(path == "compiled")
+
+
+@pytest.mark.parametrize("dtype, path", RECONSTRUCTION_PATHS, ids=["fp32-compiled", "fp32-eager", "bf16"])
+@pytest.mark.parametrize("Hkv, G, D, N, Lq", [(3, 3, 64, 37, 21), (2, 4, 128, 37, 21), (1, 1, 80, 5, 1),
+                                              (2, 2, 96, 100, 70), (1, 3, 256, 60, 3), (1, 2, 48, 9, 4)],
+                         ids=["G3-D64", "G4-D128", "D80-one-row", "D96-many-blocks", "D256", "D48-no-kernel"])
+def test_context_then_causal_self_matches_masked_sdpa(dtype, path, Hkv, G, D, N, Lq):
+    """Every context row visible, self rows causal; equal to SDPA with the dense mask (odd sizes, row and key
+    counts across the compiled kernel's tiles; the query is strided as transformers passes it)."""
     from kvkernels.cpu.ragged_attention import context_then_causal_self
 
     gen = torch.Generator().manual_seed(3)
-    B, Hkv, N, Lq = 1, 3, 37, 21
+    B = 1
     q = torch.randn(B, Lq, Hkv * G, D, generator=gen).to(dtype).transpose(1, 2)
     k, v = (torch.randn(B, Hkv, N + Lq, D, generator=gen).to(dtype) for _ in range(2))
     mask = torch.ones(Lq, N + Lq, dtype=torch.bool)
     mask[:, N:] = torch.ones(Lq, Lq, dtype=torch.bool).tril()
     want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
                                                             enable_gqa=True, scale=0.1)
-    got = context_then_causal_self(q, k, v, N, 0.1)
+    with reconstruction_path(path):
+        got = context_then_causal_self(q, k, v, N, 0.1)
     assert got.dtype == dtype and got.shape == q.shape
     torch.testing.assert_close(got.float(), want, **TOL[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("sink, start, end", [(4, 4, 37), (4, 4, 20), (3, 11, 30), (2, 9, 37)],
-                         ids=["one-chunk", "first-of-two", "middle", "last"])
-def test_context_then_causal_self_scored_lse(dtype, sink, start, end):
+@pytest.mark.parametrize("dtype, path", RECONSTRUCTION_PATHS, ids=["fp32-compiled", "fp32-eager", "bf16"])
+@pytest.mark.parametrize("sink, start, end", [(4, 4, 37), (4, 4, 20), (3, 11, 30), (2, 9, 37), (0, 0, 37)],
+                         ids=["one-chunk", "first-of-two", "middle", "last", "no-sink"])
+def test_context_then_causal_self_scored_lse(dtype, path, sink, start, end):
     """With ``scored``, the same output as without, plus each row's LSE over [sink; chunk; self 0..i]: the
     normaliser kvzip_score takes as row_lse (checked against logsumexp of the masked logits)."""
     from kvkernels.cpu.ragged_attention import context_then_causal_self
@@ -621,8 +635,9 @@ def test_context_then_causal_self_scored_lse(dtype, sink, start, end):
     B, Hkv, G, N, Lq, D = 1, 3, 3, 37, 21, 64
     q = torch.randn(B, Lq, Hkv * G, D, generator=gen).to(dtype).transpose(1, 2)
     k, v = (torch.randn(B, Hkv, N + Lq, D, generator=gen).to(dtype) for _ in range(2))
-    o, row_lse = context_then_causal_self(q, k, v, N, 0.1, scored=(sink, start, end))
-    torch.testing.assert_close(o, context_then_causal_self(q, k, v, N, 0.1), **TOL[dtype])
+    with reconstruction_path(path):
+        o, row_lse = context_then_causal_self(q, k, v, N, 0.1, scored=(sink, start, end))
+        torch.testing.assert_close(o, context_then_causal_self(q, k, v, N, 0.1), **TOL[dtype])
     seen = torch.zeros(Lq, N + Lq, dtype=torch.bool)
     seen[:, :sink] = seen[:, start:end] = True
     seen[:, N:] = torch.ones(Lq, Lq, dtype=torch.bool).tril()

@@ -11,10 +11,12 @@ product below serves a whole GQA group. Two passes, in fp32, never holding an [R
    Skipped when the caller passes ``row_lse``: the reconstruction forward's own attention computes it
    (:func:`kvkernels.cpu.ragged_attention.context_then_causal_self`), and this pass costs about as
    much as that attention.
-2. For each block of chunk keys and block of rows, ``max over rows of (logit - lse)`` from one matrix
-   product (keys by rows, so the max runs along contiguous memory), then ``exp`` once per key (exp is
-   monotonic, so that is the max probability). Blocks of ``_KEYS_PER_BLOCK x _ROWS_PER_BLOCK`` logits
-   stay small enough to be reread from cache by the subtraction and the max.
+2. Per chunk key, ``max over rows of (logit - lse)``, then ``exp`` once per key (exp is monotonic, so that
+   is the max probability). The compiled kernel (``csrc/kvzip_score.cpp``, see :mod:`kvkernels.cpu.native`)
+   keeps every logit in a register from its product to the max; without it, one matrix product per block
+   of chunk keys and block of rows (keys by rows, so the max runs along contiguous memory), in blocks of
+   ``_KEYS_PER_BLOCK x _ROWS_PER_BLOCK`` logits small enough to be reread from cache by the subtraction
+   and the max.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from . import native
 from .ragged_attention import causal_self_flash
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -53,10 +56,16 @@ def _row_lse(q_rows, k, k_self, sink_len, chunk_start, chunk_end, G, sm_scale) -
     return torch.logaddexp(lse_context.view(S, R), lse_self.reshape(S, R))
 
 
-def _max_logit_minus_lse(q_scaled, k, lse, chunk_start: int, chunk_end: int) -> torch.Tensor:
-    """fp32 [S, m]: per chunk key, max over the R rows of (q_scaled . key - lse); q_scaled [S, R, D]."""
-    S, R, D = q_scaled.shape
+def _max_logit_minus_lse(q_rows, sm_scale: float, k, lse, chunk_start: int, chunk_end: int) -> torch.Tensor:
+    """fp32 [S, m]: per chunk key, max over the R rows of (sm_scale * q_row . key - lse); q_rows fp32 [S, R, D]."""
+    S, R, D = q_rows.shape
     m = chunk_end - chunk_start
+    lib = native.library()
+    if lib is not None:  # the compiled pass: no logit leaves a register
+        best = native.score_max(lib, q_rows, sm_scale, lse, k[:, :, chunk_start:chunk_end].float().reshape(S, m, D))
+        if best is not None:
+            return best
+    q_scaled = q_rows * sm_scale
     out = torch.full((S, m), float("-inf"))
     q_t = q_scaled.transpose(1, 2)  # [S, D, R]: the product comes out [keys, rows]
     for j in range(0, m, _KEYS_PER_BLOCK):
@@ -92,5 +101,5 @@ def kvzip_score(
         lse = _row_lse(q_rows, k, k_self, sink_len, chunk_start, chunk_end, G, sm_scale)
     else:
         lse = row_lse.reshape(S, R)  # [B, Hq, Lq] holds the rows of KV head hk at hk*G*Lq .. in order
-    best = _max_logit_minus_lse(q_rows.view(S, R, D) * sm_scale, k, lse, chunk_start, chunk_end)
-    return best.exp_().view(B, Hkv, chunk_end - chunk_start)
+    best = _max_logit_minus_lse(q_rows.view(S, R, D), sm_scale, k, lse, chunk_start, chunk_end)
+    return best.exp_().reshape(B, Hkv, chunk_end - chunk_start)

@@ -1,9 +1,12 @@
-"""The cpu backend's compiled decode kernels (``csrc/decode.cpp``): built on first use, called via ctypes.
+"""The cpu backend's compiled kernels (``csrc/*.cpp``): built on first use, called via ctypes.
 
-The source is plain C++ with a C ABI (no PyTorch headers), so building it takes the system compiler a few
+``csrc/decode.cpp`` holds the decode step's kernels (attention over the ragged and the quantized pool, and
+their appends); KVzip's reconstruction has the attention of its forward in ``csrc/attention.cpp`` and the
+max pass of its score in ``csrc/kvzip_score.cpp`` (both tiled in registers with ``csrc/vec.h``). The sources are plain
+C++ with a C ABI (no PyTorch headers), so building them into one library takes the system compiler a few
 seconds: ``c++ -O3 -march=native -fopenmp -shared`` (without ``-fopenmp`` if that fails: one thread, same
 results). The library is cached under ``$KVKERNELS_CACHE_DIR`` (default ``~/.cache/kvkernels``) by a hash
-of the source, the flags and the machine, and rebuilt only when one of them changes. Kernels receive raw
+of the sources, the flags and the machine, and rebuilt only when one of them changes. Kernels receive raw
 pointers: every caller passes contiguous tensors of the checked dtypes (copying any that is not), and the
 kernels check every table entry against the buffer sizes before any access (a bad table gives an error,
 never an out-of-bounds read or write).
@@ -30,7 +33,9 @@ from typing import Iterator, Optional
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "decode.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = tuple(CSRC / name for name in ("decode.cpp", "kvzip_score.cpp", "attention.cpp"))
+HEADERS = (CSRC / "vec.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
 _lock = threading.Lock()
@@ -50,18 +55,18 @@ def _compiler() -> Optional[str]:
 
 
 def _build(cxx: str, flags: tuple[str, ...]) -> Path:
-    """Compile the source into the cache (atomically: a concurrent build writes its own file, then renames)."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((cxx, *flags, platform.machine(), platform.node())).encode())
+    """Compile the sources into the cache (atomically: a concurrent build writes its own file, then renames)."""
+    sources = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+    key = hashlib.sha256(sources + " ".join((cxx, *flags, platform.machine(), platform.node())).encode())
     out_dir = _cache_dir() / "native"
-    lib = out_dir / f"decode-{key.hexdigest()[:16]}.so"
+    lib = out_dir / f"kernels-{key.hexdigest()[:16]}.so"
     if lib.exists():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        result = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        result = subprocess.run([cxx, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {result.stderr.strip()[-2000:]}")
         os.replace(tmp, lib)
@@ -94,6 +99,15 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.kvk_ragged_append.restype = i32
     lib.kvk_quant_append_noflush.argtypes = [p, p, i64, i64, p, p, p, p, i64, p, p, i64, i64, i64, i32]
     lib.kvk_quant_append_noflush.restype = i32
+    lib.kvk_score_max_f32.argtypes = [p, p, p, i64, i64, i64, i64, f32, p, i32]
+    lib.kvk_score_max_f32.restype = i32
+    lib.kvk_score_keys_per_tile.argtypes = []
+    lib.kvk_score_keys_per_tile.restype = i64
+    lib.kvk_reconstruction_attention_f32.argtypes = [p, p, i64, p, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64,
+                                                     f32, p, p, p, i32]
+    lib.kvk_reconstruction_attention_f32.restype = i32
+    lib.kvk_attention_keys_per_tile.argtypes = []
+    lib.kvk_attention_keys_per_tile.restype = i64
 
 
 def library() -> Optional[ctypes.CDLL]:
@@ -116,8 +130,9 @@ def library() -> Optional[ctypes.CDLL]:
                 except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                     lib, why = None, f"build failed: {exc}"
             if lib is None:
-                warnings.warn(f"kvkernels: the cpu backend's compiled decode kernels are unavailable ({why}); "
-                              "the decode step runs the slower PyTorch path", RuntimeWarning, stacklevel=2)
+                warnings.warn(f"kvkernels: the cpu backend's compiled kernels are unavailable ({why}); "
+                              "the decode step and KVzip scoring run the slower PyTorch path", RuntimeWarning,
+                              stacklevel=2)
         state["why"] = why
         state["lib"] = lib
         return lib
@@ -126,7 +141,7 @@ def library() -> Optional[ctypes.CDLL]:
 def status() -> str:
     """One line: whether the compiled kernels run, and why (builds them if not built yet)."""
     lib = library()
-    return ("compiled decode kernels: " + ("on, " if lib is not None else "off, ") + _state["why"])
+    return ("compiled kernels: " + ("on, " if lib is not None else "off, ") + _state["why"])
 
 
 def reset() -> None:
@@ -149,7 +164,7 @@ def forced(on: bool) -> Iterator[None]:
         if on:
             cxx = _compiler()
             if cxx is None:
-                raise RuntimeError("kvkernels: no C++ compiler found to build the compiled decode kernels")
+                raise RuntimeError("kvkernels: no C++ compiler found to build the compiled kernels")
             new = {"lib": _load(cxx), "why": f"forced on, built with {cxx}"}
         else:
             new = {"lib": None, "why": "forced off"}
@@ -254,3 +269,61 @@ def quant_append_noflush(lib, k_tail: torch.Tensor, v_tail: torch.Tensor, q_len:
                                         seg_len.data_ptr() + 4 * first, seg_cap.data_ptr() + 4 * first, B * H,
                                         k_new.data_ptr(), v_new.data_ptr(), t, residual, group_size,
                                         int(flush_after)) == 0
+
+
+def score_max(lib, q_rows: torch.Tensor, sm_scale: float, lse: torch.Tensor,
+              keys: torch.Tensor) -> Optional[torch.Tensor]:
+    """fp32 [S, m]: per key j of keys [S, m, D], max over the rows r of fp32 q_rows [S, R, D] of
+    ``sm_scale * q_rows[r] . keys[j] - lse[r]`` (lse fp32 [S, R]); None for a head dim without a kernel.
+    The keys are copied transposed (keys along the vector lanes), zero-padded to the kernel's key tile."""
+    S, R, D = q_rows.shape
+    m = keys.shape[1]
+    tile = lib.kvk_score_keys_per_tile()
+    m_pad = -(-m // tile) * tile
+    q_rows = q_rows if q_rows.is_contiguous() else q_rows.contiguous()
+    lse = lse if lse.is_contiguous() else lse.contiguous()
+    keys_t = torch.empty(S, D, m_pad)
+    keys_t[:, :, :m] = keys.transpose(1, 2)
+    keys_t[:, :, m:] = 0
+    out = torch.empty(S, m_pad)
+    code = lib.kvk_score_max_f32(q_rows.data_ptr(), lse.data_ptr(), keys_t.data_ptr(), S, R, m_pad, D, sm_scale,
+                                 out.data_ptr(), torch.get_num_threads())
+    if code == -1:
+        return None
+    if code:
+        raise RuntimeError(f"kvkernels: kvk_score_max_f32 rejected its shapes (code {code}): a bug")
+    return out[:, :m]
+
+
+def reconstruction_attention(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_context: int,
+                             sm_scale: float, scored: Optional[tuple[int, int, int]]):
+    """(o [B, Hq, Lq, D], lse over the scored keys fp32 [B, Hq, Lq] or None), or None for a head dim without
+    a kernel: fp32 q over k/v [B, Hkv, n_context + Lq, D], every row seeing the context and its own keys
+    causally (see ``context_then_causal_self``); ``scored = (sink_len, chunk_start, chunk_end)``.
+    The keys are copied transposed (keys along the vector lanes), zero-padded to the kernel's key tile."""
+    B, Hq, Lq, D = q.shape
+    Hkv, n = k.shape[1], k.shape[2]
+    S, R = B * Hkv, (Hq // Hkv) * Lq
+    tile = lib.kvk_attention_keys_per_tile()
+    M = -(-n // tile) * tile
+    q_rows = q.reshape(S, R, D)
+    q_rows = q_rows if q_rows.is_contiguous() else q_rows.contiguous()
+    keys_t = torch.empty(S, D, M)
+    keys_t[:, :, :n] = k.reshape(S, n, D).transpose(1, 2)
+    keys_t[:, :, n:] = 0
+    values = v.reshape(S, n, D)
+    if values.stride(2) != 1:
+        values = values.contiguous()
+    o = torch.empty(B, Hq, Lq, D)
+    lse = torch.empty(B, Hq, Lq)
+    lse_scored = torch.empty(B, Hq, Lq) if scored is not None else None
+    sink, start, end = scored if scored is not None else (0, 0, 0)
+    code = lib.kvk_reconstruction_attention_f32(
+        q_rows.data_ptr(), keys_t.data_ptr(), M, values.data_ptr(), values.stride(0), values.stride(1), S, R, D,
+        n_context, Lq, sink, start, end, sm_scale, o.data_ptr(), lse.data_ptr(),
+        lse_scored.data_ptr() if scored is not None else None, torch.get_num_threads())
+    if code == -1:
+        return None
+    if code:
+        raise RuntimeError(f"kvkernels: kvk_reconstruction_attention_f32 rejected its shapes (code {code}): a bug")
+    return o, lse_scored

@@ -73,15 +73,22 @@ def context_then_causal_self(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """o [B, Hq, Lq, D] of q over k/v [B, Hkv, n_context + Lq, D]: every query row sees all context rows,
     and self row j <= i (bottom-right causal over the whole key sequence).
 
-    Fused calls over pieces of the keys (the context unmasked, the self rows causally) merged by their
-    log-sum-exps, instead of one call with a dense [Lq, n_context + Lq] mask, which the fused CPU kernel
-    runs more slowly (its effect on compression time is in the README's CPU performance table). This is
-    the shape of KVzip's reconstruction forward (``kvkernels.hf.attention``).
+    This is the shape of KVzip's reconstruction forward (``kvkernels.hf.attention``). fp32 runs the compiled
+    kernel (``csrc/attention.cpp``: context and self keys in one online softmax) when it is built; otherwise
+    fused PyTorch calls over pieces of the keys (the context unmasked, the self rows causally) merged by
+    their log-sum-exps, instead of one call with a dense [Lq, n_context + Lq] mask, which the fused CPU
+    kernel runs more slowly (its effect on compression time is in the README's CPU performance table).
 
     ``scored = (sink_len, chunk_start, chunk_end)``: also return fp32 [B, Hq, Lq], each row's log-sum-exp
     over [sink; chunk; self 0..i], the normaliser of ``kvzip_score`` for that chunk (its ``row_lse``).
-    The context is then attended in pieces split at those bounds, so that LSE costs no extra pass.
+    The compiled kernel keeps that sum beside the whole row's; the PyTorch path attends the context in
+    pieces split at those bounds. Either way that LSE costs no extra pass.
     """
+    if q.dtype == k.dtype == v.dtype == torch.float32 and (lib := native.library()) is not None:
+        compiled = native.reconstruction_attention(lib, q, k, v, n_context, sm_scale, scored)
+        if compiled is not None:  # None: no kernel for this head dim
+            o, row_lse = compiled
+            return o if scored is None else (o, row_lse)
     B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]
     S, G = B * Hkv, Hq // Hkv

@@ -1,0 +1,93 @@
+// The second pass of KVzip's reconstruction score on CPU (kvkernels/cpu/kvzip_score.py): for every chunk key
+// j, the max over the R query rows of its logit minus the row's log-sum-exp, never storing a logit.
+//
+// Why C++ here: in PyTorch this pass is a [keys x rows] matrix product with a head-dim inner dimension (64),
+// followed by a subtraction and a max that each reread the product from cache; measured on SmolLM2 at 2K
+// tokens it took half as long as the reconstruction forward's whole attention. Here every logit lives in
+// a register from its last multiply-add to the max that consumes it.
+//
+// Layout:
+//   q   [S, R, D]  query rows (the G heads of one KV head stacked), rows contiguous;
+//   lse [S, R]     each row's log-sum-exp;
+//   kt  [S, D, M]  the chunk's keys transposed (keys contiguous), M a multiple of KEYS (the caller pads);
+//   out [S, M]     max_r (scale * q_r . k_j - lse_r).
+// Keys are the vector lanes: a micro-tile is KEYS keys x ROWS rows of accumulators, fed per channel by
+// KEY_VECS vector loads of keys and ROWS broadcasts of query values. The last tile of rows repeats row R - 1
+// instead of reading past the end: a repeated row cannot change a max.
+
+#include <algorithm>
+#include <cstdint>
+
+#include "vec.h"
+
+namespace {
+
+using namespace kvk;
+
+// 3 x 4 tiles measured fastest with AVX-512 (12 accumulators of the 32 registers); 2 x 4 with 16 registers.
+constexpr int KEY_VECS = REGISTERS == 32 ? 3 : 2;
+constexpr int64_t KEYS = KEY_VECS * LANES;  // keys per item; exported (kvk_score_keys_per_tile)
+constexpr int64_t ROWS = 4;                 // query rows per micro-tile
+
+// out[0 .. KEYS): for keys j0 .. j0 + KEYS of one KV head, the max over all R rows. (Blocking the rows so that
+// a block of queries serves several key tiles from cache measured no faster: the queries of a head stay in
+// L2/L3 here.)
+template <int D>
+void score_keys(const float* q, const float* lse, int64_t R, const float* kt, int64_t M, int64_t j0, float scale,
+                float* out) {
+  vec best[KEY_VECS];
+  for (int v = 0; v < KEY_VECS; ++v) best[v] = splat(NEG_INF);
+  for (int64_t r = 0; r < R; r += ROWS) {
+    int64_t row[ROWS];
+    for (int i = 0; i < ROWS; ++i) row[i] = std::min(r + i, R - 1);
+    vec acc[ROWS][KEY_VECS] = {};
+    for (int d = 0; d < D; ++d) {
+      vec k[KEY_VECS];
+      for (int v = 0; v < KEY_VECS; ++v) k[v] = load(kt + d * M + j0 + v * LANES);
+      for (int i = 0; i < ROWS; ++i) {
+        const float qs = q[row[i] * D + d];
+        for (int v = 0; v < KEY_VECS; ++v) acc[i][v] += k[v] * qs;
+      }
+    }
+    for (int i = 0; i < ROWS; ++i)  // the scale is applied once per logit here, as one multiply-add
+      for (int v = 0; v < KEY_VECS; ++v) best[v] = vmax(best[v], acc[i][v] * scale - lse[row[i]]);
+  }
+  for (int v = 0; v < KEY_VECS; ++v) store(out + v * LANES, best[v]);
+}
+
+using KeysFn = void (*)(const float*, const float*, int64_t, const float*, int64_t, int64_t, float, float*);
+
+KeysFn keys_kernel(int64_t D) {
+  switch (D) {
+    case 64: return score_keys<64>;
+    case 80: return score_keys<80>;
+    case 96: return score_keys<96>;
+    case 128: return score_keys<128>;
+    case 256: return score_keys<256>;
+    default: return nullptr;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// The key tile: kt's key count M must be a multiple of it.
+int64_t kvk_score_keys_per_tile() { return KEYS; }
+
+// Returns 0; -1 for a head dim without a kernel; -2 if M is not a multiple of the tile or R < 1.
+int kvk_score_max_f32(const float* q, const float* lse, const float* kt, int64_t S, int64_t R, int64_t M,
+                      int64_t D, float scale, float* out, int threads) {
+  const KeysFn kernel = keys_kernel(D);
+  if (!kernel) return -1;
+  if (M % KEYS != 0 || R < 1) return -2;
+  const int64_t tiles = M / KEYS, items = S * tiles;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && items > 1)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t s = it / tiles, j0 = (it % tiles) * KEYS;
+    kernel(q + s * R * D, lse + s * R, R, kt + s * D * M, M, j0, scale, out + s * M + j0);
+  }
+  return 0;
+}
+
+}  // extern "C"

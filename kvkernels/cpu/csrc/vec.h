@@ -1,0 +1,75 @@
+// Vectors of floats for the kernels that tile their products in registers (kvzip_score.cpp, attention.cpp):
+// GCC/Clang vector extensions, so the code has no intrinsics and builds for any target.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+
+namespace kvk {
+
+// The vector width fills the registers without spilling the kernels' tiles: 32 registers of 16 floats with
+// AVX-512, 16 registers of 8 floats otherwise (AVX2; two NEON registers per vector on AArch64).
+#if defined(__AVX512F__)
+constexpr int LANES = 16;
+constexpr int REGISTERS = 32;
+#else
+constexpr int LANES = 8;
+constexpr int REGISTERS = 16;
+#endif
+typedef float vec __attribute__((vector_size(4 * LANES)));
+typedef int32_t ivec __attribute__((vector_size(4 * LANES)));
+typedef float unaligned_vec __attribute__((vector_size(4 * LANES), aligned(4), may_alias));
+
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+inline vec load(const float* p) { return *reinterpret_cast<const unaligned_vec*>(p); }
+inline void store(float* p, vec x) { *reinterpret_cast<unaligned_vec*>(p) = x; }
+inline vec splat(float x) { return vec{} + x; }
+inline vec vmax(vec a, vec b) { return a > b ? a : b; }
+
+// Horizontal max and sum by halving: log2(LANES) shuffles, not LANES scalar steps.
+template <typename Op>
+inline float reduce(vec x, Op op) {
+#if defined(__AVX512F__)
+  x = op(x, __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  x = op(x, __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  x = op(x, __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  x = op(x, __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+#else
+  x = op(x, __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3));
+  x = op(x, __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5));
+  x = op(x, __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6));
+#endif
+  return x[0];
+}
+
+inline float hmax(vec x) { return reduce(x, vmax); }
+inline float hsum(vec x) { return reduce(x, [](vec a, vec b) { return a + b; }); }
+
+// 0, 1, .., LANES - 1.
+inline vec iota() {
+  vec x;
+  for (int i = 0; i < LANES; ++i) x[i] = static_cast<float>(i);
+  return x;
+}
+
+// exp(x) for x <= 0 lane by lane (decode.cpp's exp_nonpositive, on a whole vector): x = n ln2 + r, exp(r) by
+// its degree-6 Taylor polynomial (relative error below 2e-7), 2^n built in the exponent bits; below -87 the
+// result is about 1e-38, and callers select 0 for lanes that must not count.
+inline vec exp_nonpositive(vec x) {
+  x = vmax(x, splat(-87.f));
+  const vec shifter = splat(12582912.f);  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const vec n = (x * 1.44269504088896341f + shifter) - shifter;
+  const vec r = x - n * 0.693145751953125f - n * 1.42860682030941723e-6f;  // ln2 split: exact n * hi
+  vec p = splat(1.f / 720.f);
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+  return p * __builtin_bit_cast(vec, bits);
+}
+
+}  // namespace kvk
