@@ -6,8 +6,10 @@ the cost of compressing, at several context lengths, all in one run.
 
 Per context length (a staff directory from ``kvkernels.demo`` grown to the target token count):
 
-* prefill (timed), then compression timed in its phases: KVzip scoring, then selection + compaction
-  (keep 0.3, global budget); then KIVI-2 quantization of the compressed pool (timed separately);
+* prefill, then compression timed in its phases: KVzip scoring, then selection + compaction (keep 0.3,
+  global budget), ``--compress-rounds`` times back to back; compression / prefill is the median of the
+  rounds' ratios (each compares times a minute apart); then KIVI-2 quantization of the compressed pool
+  (timed separately);
 * decode ms/token, median over every timed step, for four caches: the full cache in transformers'
   ``DynamicCache`` (what ``prefill`` builds), the full cache copied into a preallocated ``StaticCache``,
   the KVzip 0.3 ragged pool, and that pool KIVI-2 quantized. A step is one forward of one token with
@@ -147,12 +149,26 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def run_length(model, tokenizer, target: int, args, floor_dense) -> dict:
+def time_compression(model, tokenizer, target: int, args):
+    """(dense cache, compressed pool, [(prefill s, scoring s, select + compact s)] per round): prefill and
+    compression ``--compress-rounds`` times back to back, so that each round's ratio compares times taken a
+    minute apart (the host's speed drifts within minutes; the first version timed each once)."""
     from kvkernels.hf import prefill
 
-    dense, t_prefill = timed(lambda: prefill(model, tokenizer, context_text(tokenizer, target)))
-    scores, t_score = timed(lambda: dense.kvzip_scores(chunk_size=args.chunk_size))
-    ctx, t_select = timed(lambda: dense.compress(args.keep, scores=scores, slack=args.rounds * args.steps + 8))
+    text = context_text(tokenizer, target)
+    rounds = []
+    for _ in range(args.compress_rounds):
+        dense, t_prefill = timed(lambda: prefill(model, tokenizer, text))
+        scores, t_score = timed(lambda: dense.kvzip_scores(chunk_size=args.chunk_size))
+        ctx, t_select = timed(lambda: dense.compress(args.keep, scores=scores, slack=args.rounds * args.steps + 8))
+        rounds.append((t_prefill, t_score, t_select))
+    return dense, ctx, rounds
+
+
+def run_length(model, tokenizer, target: int, args, floor_dense) -> dict:
+    dense, ctx, rounds = time_compression(model, tokenizer, target, args)
+    t_prefill, t_score, t_select = (statistics.median(r[i] for r in rounds) for i in range(3))
+    ratios = [(score + select) / prefill for prefill, score, select in rounds]
     kivi, t_quant = timed(lambda: ctx.quantize(2))
     room = args.rounds * args.steps + 8
     decoders = {
@@ -166,7 +182,8 @@ def run_length(model, tokenizer, target: int, args, floor_dense) -> dict:
     floor = decode.pop("floor") * 1e3
     row = {"context_tokens": dense.num_tokens, "target": target, "prefill_s": t_prefill, "score_s": t_score,
            "select_compact_s": t_select, "kivi_quantize_s": t_quant,
-           "compress_over_prefill": (t_score + t_select) / t_prefill, "floor_ms": floor,
+           "compress_over_prefill": statistics.median(ratios), "compress_over_prefill_rounds": ratios,
+           "floor_ms": floor,
            "kept_rows": ctx.kept_rows(), "decode_ms": {k: v * 1e3 for k, v in decode.items()}}
     print(f"{dense.num_tokens:6d} tokens: prefill {t_prefill:.1f} s, scoring {t_score:.1f} s, select+compact "
           f"{t_select:.2f} s (compression {row['compress_over_prefill']:.2f}x prefill), KIVI-2 {t_quant:.1f} s; "
@@ -197,6 +214,7 @@ def table(rows: list[dict]) -> list[dict]:
                 "prefill_s": round(r["prefill_s"], 2), "score_s": round(r["score_s"], 2),
                 "select_compact_s": round(r["select_compact_s"], 3), "kivi_quantize_s": round(r["kivi_quantize_s"], 2),
                 "compress_over_prefill": round(r["compress_over_prefill"], 3),
+                "compress_over_prefill_rounds": " ".join(f"{x:.3f}" for x in r["compress_over_prefill_rounds"]),
             })
     return out
 
@@ -237,6 +255,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed decode steps per cache per round")
     parser.add_argument("--keep", type=float, default=0.3)
     parser.add_argument("--chunk-size", type=int, default=2048)
+    parser.add_argument("--compress-rounds", type=int, default=3,
+                        help="prefill + compression rounds per length; the ratio is the median of the rounds'")
     parser.add_argument("--out", default=str(OUT_DIR / "e2e"), help="output path prefix (.csv/.json/.png added)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -292,7 +292,7 @@ def score_max(lib, q_rows: torch.Tensor, sm_scale: float, lse: torch.Tensor,
         return None
     if code:
         raise RuntimeError(f"kvkernels: kvk_score_max_f32 rejected its shapes (code {code}): a bug")
-    return out[:, :m]
+    return out[:, :m].contiguous()  # the op returns a contiguous tensor (its fake kernel says so)
 
 
 def reconstruction_attention(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_context: int,

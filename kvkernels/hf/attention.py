@@ -112,9 +112,9 @@ def kvzip_capture_attention_forward(module: torch.nn.Module, query: torch.Tensor
 
     The reconstruction input sees every prefilled token and itself causally (batch 1, no padding: how
     :mod:`kvkernels.hf.scoring` runs it). On CPU, for a plain attention (no dropout, soft-capping or
-    sliding window), that is computed as fused calls merged by log-sum-exp
-    (:func:`kvkernels.cpu.ragged_attention.context_then_causal_self`), faster than SDPA with the dense
-    mask, and those calls also give ``kvzip_score`` its row LSE (``row_lse``), sparing it a pass;
+    sliding window), that is computed by :func:`kvkernels.cpu.ragged_attention.context_then_causal_self`
+    (a compiled kernel for fp32, else fused calls merged by log-sum-exp), faster than SDPA with the dense
+    mask, which also gives ``kvzip_score`` its row LSE (``row_lse``), sparing it a pass;
     elsewhere SDPA with transformers' mask, and ``kvzip_score`` computes its own LSE. Scores and
     attention use the layer's own scaling.
     """
