@@ -2,7 +2,8 @@
 
 SmolLM2's shape (9 query heads on 3 KV heads, D = 64), one reconstruction chunk of ``--chunk`` tokens plus
 the repeat prompt (``--prompt`` tokens) over a context of ``--context`` tokens, fp32, batch 1. Timed, in
-one run with every variant interleaved round by round (median of ``--rounds``; wall time, ``--threads``):
+one run with every variant interleaved round by round (median and min of ``--rounds``; wall time,
+``--threads``; the host may be shared: read the ratios, which compare times taken seconds apart):
 
 * ``attention compiled`` / ``attention eager``: ``context_then_causal_self`` with ``scored`` (output + the
   scored LSE) through the compiled kernel (``csrc/attention.cpp``) and through the PyTorch path (two fused
@@ -17,7 +18,7 @@ Each line also gives GFLOP/s (2 * D flops per query-key product, 2 * D per weigh
 computed, not the flops of the masked half of causal blocks). Results: ``--out`` JSON with the machine,
 threads, torch version and the command.
 
-Run: ``python -m bench.scoring_layer_cpu [--context 2042] [--chunk 2042] [--rounds 9] [--out FILE.json]``
+Run: ``python -m bench.scoring_layer_cpu [--context 2042] [--chunk 2042] [--rounds 15] [--out FILE.json]``
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def main(argv=None) -> None:
     parser.add_argument("--chunk", type=int, default=2042, help="context tokens in the reconstruction chunk")
     parser.add_argument("--prompt", type=int, default=31, help="repeat-prompt tokens before the chunk")
     parser.add_argument("--sink", type=int, default=30, help="sink (system prompt) tokens")
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="bench/results/cpu/scoring_layer.json")
     args = parser.parse_args(argv)
@@ -111,14 +112,18 @@ def main(argv=None) -> None:
     base = statistics.median(times["prefill attention (SDPA)"])
     results = []
     for name, (_, flops) in runs.items():
-        t = statistics.median(times[name])
-        results.append({"variant": name, "ms": round(t * 1e3, 2), "gflops": round(flops / t / 1e9, 1),
+        t, fastest = statistics.median(times[name]), min(times[name])
+        results.append({"variant": name, "ms": round(t * 1e3, 2), "min_ms": round(fastest * 1e3, 2),
+                        "gflops": round(flops / t / 1e9, 1), "gflops_at_min": round(flops / fastest / 1e9, 1),
                         "ratio_to_prefill_attention": round(t / base, 3)})
-        print(f"{name:26s} {t * 1e3:8.1f} ms  {flops / t / 1e9:6.1f} GFLOP/s  {t / base:5.2f}x prefill attention")
+        print(f"{name:26s} median {t * 1e3:7.1f} ms (min {fastest * 1e3:7.1f})  {flops / t / 1e9:6.1f} GFLOP/s  "
+              f"{t / base:5.2f}x prefill attention")
     for kind in ("attention", "score"):
         eager = statistics.median(times[f"{kind} eager"])
         compiled = statistics.median(times[f"{kind} compiled"])
-        print(f"{kind}: compiled {eager / compiled:.2f}x faster than eager")
+        ratios = [e / c for e, c in zip(times[f"{kind} eager"], times[f"{kind} compiled"])]
+        print(f"{kind}: compiled {eager / compiled:.2f}x faster than eager (medians; median of per-round "
+              f"ratios {statistics.median(ratios):.2f}x)")
     meta = {"command": "python -m bench.scoring_layer_cpu " + " ".join(sys.argv[1:] if argv is None else argv),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores visible", "threads": torch.get_num_threads(),
             "torch": torch.__version__, "native": native.status(), "context": args.context, "chunk": args.chunk,
