@@ -1,15 +1,15 @@
 """The cpu backend's compiled kernels (``csrc/*.cpp``): built on first use, called via ctypes.
 
 ``csrc/decode.cpp`` holds the decode step's kernels (attention over the ragged and the quantized pool, and
-their appends); KVzip's reconstruction has the attention of its forward in ``csrc/attention.cpp`` and the
-max pass of its score in ``csrc/kvzip_score.cpp`` (both tiled in registers with ``csrc/vec.h``). The sources are plain
-C++ with a C ABI (no PyTorch headers), so building them into one library takes the system compiler a few
-seconds: ``c++ -O3 -march=native -fopenmp -shared`` (without ``-fopenmp`` if that fails: one thread, same
-results). The library is cached under ``$KVKERNELS_CACHE_DIR`` (default ``~/.cache/kvkernels``) by a hash
-of the sources, the flags and the machine, and rebuilt only when one of them changes. Kernels receive raw
-pointers: every caller passes contiguous tensors of the checked dtypes (copying any that is not), and the
-kernels check every table entry against the buffer sizes before any access (a bad table gives an error,
-never an out-of-bounds read or write).
+their appends); KVzip's scoring has the attention of its reconstruction forward in ``csrc/attention.cpp``
+and the max pass of its score in ``csrc/kvzip_score.cpp`` (both tiled in registers with ``csrc/vec.h``).
+The sources are plain C++ with a C ABI (no PyTorch headers), so building them into one library takes the
+system compiler a few seconds: ``c++ -O3 -march=native -fopenmp -shared`` (without ``-fopenmp`` if that
+fails: one thread, same results). The library is cached under ``$KVKERNELS_CACHE_DIR`` (default
+``~/.cache/kvkernels``) by a hash of the sources, the flags and the machine, and rebuilt only when one of
+them changes. Kernels receive raw pointers: every caller passes contiguous tensors of the checked dtypes
+(copying any that is not), and the kernels check every table entry against the buffer sizes before any
+access (a bad table gives an error, never an out-of-bounds read or write).
 
 ``KVKERNELS_NATIVE=0`` turns the compiled kernels off (the eager PyTorch path runs instead, same results
 within fp32 rounding). Without a working compiler the eager path runs too, after one warning that says
@@ -66,7 +66,8 @@ def _build(cxx: str, flags: tuple[str, ...]) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        result = subprocess.run([cxx, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, timeout=300)
+        result = subprocess.run([cxx, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True,
+                                timeout=300)
         if result.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {result.stderr.strip()[-2000:]}")
         os.replace(tmp, lib)
