@@ -98,8 +98,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.kvk_quant_decode_f32.restype = i32
     lib.kvk_ragged_append.argtypes = [p, p, i64, i64, i64, i64, p, p, p, i64, p, p, i64]
     lib.kvk_ragged_append.restype = i32
-    lib.kvk_quant_append_noflush.argtypes = [p, p, i64, i64, p, p, p, p, i64, p, p, i64, i64, i64, i32]
-    lib.kvk_quant_append_noflush.restype = i32
+    lib.kvk_quant_append.argtypes = [p, p, i64, i64, p, p, p, p, p, p, i64, p, p, i64, i64, i64, i32, p, p, p, p, p,
+                                     p, i64, i64]
+    lib.kvk_quant_append.restype = i32
     lib.kvk_score_max_f32.argtypes = [p, p, p, i64, i64, i64, i64, f32, p, i32]
     lib.kvk_score_max_f32.restype = i32
     lib.kvk_score_keys_per_tile.argtypes = []
@@ -254,22 +255,29 @@ def ragged_append(lib, k_pool: torch.Tensor, v_pool: torch.Tensor, seg_start: to
                                  k_new.data_ptr(), v_new.data_ptr(), t)
 
 
-def quant_append_noflush(lib, k_tail: torch.Tensor, v_tail: torch.Tensor, q_len: torch.Tensor, t_head: torch.Tensor,
-                         seg_len: torch.Tensor, seg_cap: torch.Tensor, layer: int, k_new: torch.Tensor,
-                         v_new: torch.Tensor, residual: int, group_size: int, flush_after: bool) -> bool:
-    """Append k_new/v_new [B, H, t, D] to layer ``layer`` of the quantized pool if no segment flushes a group in
-    this call (rings [L, B, H, TC, D] and tables [L, B, H] contiguous; seg_len written in place). True if
-    done; False if the general path must run (nothing was written)."""
+def quant_append(lib, bufs, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, bits: int, residual: int,
+                 group_size: int, flush_after: bool) -> bool:
+    """Append k_new/v_new [B, H, t, D] to layer ``layer`` of the quantized pool ``bufs`` (a ``QuantPool``'s
+    buffers: rings [L, B, H, TC, D] and tables [L, B, H], contiguous; the tables written in place). Groups
+    leaving the full-precision window are quantized too when the rings and scales are fp32 and
+    ``flush_after`` is false. True if done; False if the general path must run (nothing was written)."""
+    (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, q_cap, t_head, seg_len,
+     seg_cap) = bufs
     B, H, t, D = k_new.shape
     k_new = k_new if k_new.is_contiguous() else k_new.contiguous()
     v_new = v_new if v_new.is_contiguous() else v_new.contiguous()
     TC, size, first = k_tail.shape[3], k_tail.element_size(), layer * B * H  # no select ops
     ring = first * TC * D * size
-    return lib.kvk_quant_append_noflush(k_tail.data_ptr() + ring, v_tail.data_ptr() + ring, TC, D * size,
-                                        q_len.data_ptr() + 4 * first, t_head.data_ptr() + 4 * first,
-                                        seg_len.data_ptr() + 4 * first, seg_cap.data_ptr() + 4 * first, B * H,
-                                        k_new.data_ptr(), v_new.data_ptr(), t, residual, group_size,
-                                        int(flush_after)) == 0
+    flushable = (not flush_after and k_tail.dtype == torch.float32 and k_scale.dtype == torch.float32
+                 and all(x.is_contiguous() for x in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, q_start,
+                                                     q_cap)))
+    codes = [x.data_ptr() if flushable else None for x in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)]
+    return lib.kvk_quant_append(k_tail.data_ptr() + ring, v_tail.data_ptr() + ring, TC, D * size,
+                                q_start.data_ptr() + 8 * first, q_len.data_ptr() + 4 * first,
+                                q_cap.data_ptr() + 4 * first, t_head.data_ptr() + 4 * first,
+                                seg_len.data_ptr() + 4 * first, seg_cap.data_ptr() + 4 * first, B * H,
+                                k_new.data_ptr(), v_new.data_ptr(), t, residual, group_size, int(flush_after), *codes,
+                                v_codes.shape[0], bits) == 0
 
 
 def score_max(lib, q_rows: torch.Tensor, sm_scale: float, lse: torch.Tensor,

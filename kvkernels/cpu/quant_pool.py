@@ -217,9 +217,10 @@ def quant_pool_append(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail
     S = B * H
     lib = native.library()
     if lib is not None and all(x.is_contiguous() for x in (k_tail, v_tail, q_len, t_head, seg_len, seg_cap)):
-        if native.quant_append_noflush(lib, k_tail, v_tail, q_len, t_head, seg_len, seg_cap, layer, k_new, v_new,
-                                       residual, group_size, flush_after):
-            return  # no segment quantizes a group in this call: the new rows went into the rings
+        bufs = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, q_cap, t_head,
+                seg_len, seg_cap)
+        if native.quant_append(lib, bufs, layer, k_new, v_new, bits, residual, group_size, flush_after):
+            return  # done in one compiled call (flushes included, for fp32 rings in KIVI's order)
     # Host reads (free on CPU tensors), as few ops as possible: the step's fixed cost is these calls.
     nqs, lens, heads, seg_caps = torch.stack((q_len[layer], seg_len[layer], t_head[layer], seg_cap[layer])).view(
         4, S).tolist()

@@ -6,7 +6,9 @@
 // Why C++ here: a decode step of a small model on a CPU is a few dozen tiny products per layer; in eager
 // PyTorch each costs its fixed dispatch cost (5-15 us) more than its arithmetic. One call per layer does
 // the whole layer: every segment, every head of its GQA group, and (quantized pool) the dequantization of
-// each row as it is read, so no fp copy of the quantized cache is made, not even per step.
+// each row as it is read, so no fp copy of the quantized cache is made, not even per step. The quantized
+// pool's append also quantizes the groups that leave the full-precision window (one call in group_size
+// per segment), bit for bit as kivi_quantize: in PyTorch that call cost about 30 times an ordinary one.
 //
 // Work is split flash-decoding style into (segment, chunk of CHUNK rows) items, spread over OpenMP
 // threads; each item keeps a running max, sum and output per head, and the items of a segment are merged
@@ -260,6 +262,67 @@ void attend_all(ItemFn kernel, const RowSource& src, const float* q, const std::
   }
 }
 
+// The quantized buffers a flush writes (layouts of kvkernels.reference.quant_pool, fp32 scales): Q quantized
+// rows in all; k_codes int32 [Q / F, D], k_scale/k_zero [Q / gs, D], v_codes int32 [Q, D / F],
+// v_scale/v_zero [Q, D / gs]. Null when the caller cannot take a flush here (not fp32, or flush_after).
+struct QuantBuffers {
+  int32_t *k_codes, *v_codes;
+  float *k_scale, *k_zero, *v_scale, *v_zero;
+  int64_t bits;
+};
+
+// KIVI quantization of n values x[i], kivi_quantize's formula bit for bit: zero = min,
+// scale = (max - min) / levels, code = round_half_even((x - zero) / scale) clamped to [0, levels], 0 when
+// scale is 0 (all in fp32, no fused multiply-add in reach). Codes go to code[i].
+void quantize_group(const float* x, int64_t n, int64_t levels, float* scale, float* zero, uint32_t* code) {
+  float lo = x[0], hi = x[0];
+  for (int64_t i = 1; i < n; ++i) {
+    lo = std::min(lo, x[i]);
+    hi = std::max(hi, x[i]);
+  }
+  const float s = (hi - lo) / static_cast<float>(levels);
+  *scale = s;
+  *zero = lo;
+  for (int64_t i = 0; i < n; ++i) {
+    const float c = s > 0.f ? std::nearbyint((x[i] - lo) / s) : 0.f;
+    code[i] = static_cast<uint32_t>(std::min(std::max(c, 0.f), static_cast<float>(levels)));
+  }
+}
+
+// Quantize the f oldest ring rows of one segment (k_rows[i], v_rows[i] -> D floats; f whole groups) into quantized rows
+// row0 .. row0 + f: keys per channel over each group of gs rows, values per row over groups of gs channels;
+// codes packed F = 32 / bits to a word, least significant first (keys along rows, values along channels).
+void flush_rows(const QuantBuffers& qb, const float* const* k_rows, const float* const* v_rows, int64_t f,
+                int64_t row0, int64_t D, int64_t gs) {
+  const int64_t F = 32 / qb.bits, levels = (1 << qb.bits) - 1;
+  std::vector<uint32_t> code(std::max(gs, D));
+  std::vector<float> column(gs);
+  for (int64_t g = 0; g < f; g += gs) {  // keys: one group of gs rows, channel by channel
+    const int64_t group = (row0 + g) / gs;
+    for (int64_t d = 0; d < D; ++d) {
+      for (int64_t i = 0; i < gs; ++i) column[i] = k_rows[g + i][d];
+      quantize_group(column.data(), gs, levels, qb.k_scale + group * D + d, qb.k_zero + group * D + d,
+                     code.data());
+      for (int64_t w = 0; w < gs / F; ++w) {
+        uint32_t word = 0;
+        for (int64_t i = 0; i < F; ++i) word |= code[w * F + i] << (qb.bits * i);
+        qb.k_codes[((row0 + g) / F + w) * D + d] = static_cast<int32_t>(word);
+      }
+    }
+  }
+  for (int64_t i = 0; i < f; ++i) {  // values: row by row, groups of gs channels
+    const int64_t row = row0 + i;
+    for (int64_t c = 0; c < D / gs; ++c)
+      quantize_group(v_rows[i] + c * gs, gs, levels, qb.v_scale + row * (D / gs) + c,
+                     qb.v_zero + row * (D / gs) + c, code.data() + c * gs);
+    for (int64_t w = 0; w < D / F; ++w) {
+      uint32_t word = 0;
+      for (int64_t i2 = 0; i2 < F; ++i2) word |= code[w * F + i2] << (qb.bits * i2);
+      qb.v_codes[row * (D / F) + w] = static_cast<int32_t>(word);
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -328,23 +391,48 @@ int kvk_ragged_append(char* k_pool, char* v_pool, int64_t n_rows, int64_t k_stri
   return 0;
 }
 
-// Quantized pool append, the steps that quantize nothing (all but one in group_size per segment): the t
-// new rows of each segment (k_new/v_new contiguous [S, t, row_bytes]) go into the ring slots after its
-// live tail (rings k_ring/v_ring [S, TC, row_bytes]); seg_len grows by t. Returns 1 and writes nothing if
-// any segment would flush a group under the flush rule of kvkernels.reference.quant_pool (the caller then
-// runs the general path), lacks room, or has tables outside the ring; else 0.
-int kvk_quant_append_noflush(char* k_ring, char* v_ring, int64_t TC, int64_t row_bytes, const int32_t* q_len,
-                             const int32_t* t_head, int32_t* seg_len, const int32_t* seg_cap, int64_t S,
-                             const char* k_new, const char* v_new, int64_t t, int64_t residual, int64_t gs,
-                             int flush_after) {
+// Quantized pool append of one layer: the t new rows of each segment (k_new/v_new contiguous
+// [S, t, row_bytes]) go into the ring slots after its live tail (rings k_ring/v_ring [S, TC, row_bytes]);
+// seg_len grows by t. A segment whose ring holds a completed group beyond the residual window first
+// quantizes its oldest whole groups (KIVI's order, kvkernels.reference.quant_pool's flush rule with
+// flush_after false) into the quantized buffers, if they are given (fp32 rings, row_bytes = 4 D); q_len and
+// t_head move past them. Returns 1 and writes nothing if any segment would flush without buffers (or with
+// flush_after), lacks room, or has tables outside its buffers: the caller then runs the general path,
+// which raises the reference's errors; else 0.
+int kvk_quant_append(char* k_ring, char* v_ring, int64_t TC, int64_t row_bytes, const int64_t* q_start,
+                     int32_t* q_len, const int32_t* q_cap, int32_t* t_head, int32_t* seg_len, const int32_t* seg_cap,
+                     int64_t S, const char* k_new, const char* v_new, int64_t t, int64_t residual, int64_t gs,
+                     int flush_after, int32_t* k_codes, float* k_scale, float* k_zero, int32_t* v_codes,
+                     float* v_scale, float* v_zero, int64_t Q, int64_t bits) {
+  const QuantBuffers qb{k_codes, v_codes, k_scale, k_zero, v_scale, v_zero, bits};
+  const int64_t D = row_bytes / 4, F = bits > 0 ? 32 / bits : 0;
+  const bool can_flush = k_codes && !flush_after && bits > 0 && 32 % bits == 0 && gs % F == 0 && D % gs == 0;
+  std::vector<int64_t> flush(S);
   for (int64_t s = 0; s < S; ++s) {
     const int64_t tail = static_cast<int64_t>(seg_len[s]) - q_len[s];
     const int64_t pending = flush_after ? tail + t : tail;
-    if (q_len[s] < 0 || tail < 0 || t_head[s] < 0 || t_head[s] >= TC || pending - residual >= gs ||
-        seg_len[s] + t > seg_cap[s] || tail + t > TC)
+    flush[s] = std::max<int64_t>(pending - residual, 0) / gs * gs;
+    if (q_len[s] < 0 || tail < 0 || t_head[s] < 0 || t_head[s] >= TC || seg_len[s] + t > seg_cap[s] ||
+        tail - flush[s] + t > TC)
+      return 1;
+    if (flush[s] && (!can_flush || q_start[s] < 0 || q_len[s] + flush[s] > q_cap[s] || q_start[s] + q_cap[s] > Q ||
+                     (q_start[s] + q_len[s]) % gs != 0))
       return 1;
   }
+  std::vector<const float*> k_rows, v_rows;
   for (int64_t s = 0; s < S; ++s) {
+    if (flush[s]) {
+      k_rows.resize(flush[s]);
+      v_rows.resize(flush[s]);
+      for (int64_t i = 0; i < flush[s]; ++i) {
+        const int64_t at = (s * TC + (t_head[s] + i) % TC) * row_bytes;
+        k_rows[i] = reinterpret_cast<const float*>(k_ring + at);
+        v_rows[i] = reinterpret_cast<const float*>(v_ring + at);
+      }
+      flush_rows(qb, k_rows.data(), v_rows.data(), flush[s], q_start[s] + q_len[s], D, gs);
+      q_len[s] += static_cast<int32_t>(flush[s]);
+      t_head[s] = static_cast<int32_t>((t_head[s] + flush[s]) % TC);
+    }
     const int64_t tail = static_cast<int64_t>(seg_len[s]) - q_len[s];
     for (int64_t i = 0; i < t; ++i) {
       const int64_t slot = (t_head[s] + tail + i) % TC;
