@@ -268,7 +268,11 @@ def quant_append(lib, bufs, layer: int, k_new: torch.Tensor, v_new: torch.Tensor
     v_new = v_new if v_new.is_contiguous() else v_new.contiguous()
     TC, size, first = k_tail.shape[3], k_tail.element_size(), layer * B * H  # no select ops
     ring = first * TC * D * size
-    flushable = (not flush_after and k_tail.dtype == torch.float32 and k_scale.dtype == torch.float32
+    Q = v_codes.shape[0]  # quantized rows; the other buffers' sizes follow from it (checked here: the kernel
+    # bounds every write by Q)
+    flushable = (not flush_after and k_tail.dtype == v_tail.dtype == torch.float32
+                 and all(x.dtype == torch.float32 for x in (k_scale, k_zero, v_scale, v_zero))
+                 and k_codes.shape[0] * (32 // bits) == Q and k_scale.shape[0] * group_size == Q
                  and all(x.is_contiguous() for x in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, q_start,
                                                      q_cap)))
     codes = [x.data_ptr() if flushable else None for x in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)]
@@ -277,7 +281,7 @@ def quant_append(lib, bufs, layer: int, k_new: torch.Tensor, v_new: torch.Tensor
                                 q_cap.data_ptr() + 4 * first, t_head.data_ptr() + 4 * first,
                                 seg_len.data_ptr() + 4 * first, seg_cap.data_ptr() + 4 * first, B * H,
                                 k_new.data_ptr(), v_new.data_ptr(), t, residual, group_size, int(flush_after), *codes,
-                                v_codes.shape[0], bits) == 0
+                                Q, bits) == 0
 
 
 def score_max(lib, q_rows: torch.Tensor, sm_scale: float, lse: torch.Tensor,
