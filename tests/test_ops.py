@@ -389,3 +389,45 @@ def test_compiled_kernel_sources_ship_with_the_package():
     built = {path.relative_to(package).as_posix() for path in native.SOURCES + native.HEADERS}
     assert built and all(any(fnmatch.fnmatch(path, g) for g in globs) for path in built), (built, globs)
     assert {p.relative_to(package).as_posix() for p in native.CSRC.iterdir()} == built
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":")[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+@pytest.mark.skipif(not {"avx2", "fma"} <= _cpu_flags(), reason="needs an x86-64 CPU with AVX2 and FMA")
+def test_cpu_scoring_kernels_built_for_avx2_match_eager(tmp_path, monkeypatch):
+    """The scoring kernels' 8-lane build (what a CPU without AVX-512 compiles: other tiles, other horizontal
+    reductions) against the eager paths, built here with -march=x86-64-v3 whatever this CPU has."""
+    from kvkernels.cpu import native
+    from kvkernels.cpu.kvzip_score import _max_logit_minus_lse
+    from kvkernels.cpu.ragged_attention import context_then_causal_self
+
+    cxx = native._compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    monkeypatch.setenv("KVKERNELS_CACHE_DIR", str(tmp_path))
+    flags = tuple("-march=x86-64-v3" if f == "-march=native" else f for f in native.FLAGS)
+    lib = native.ctypes.CDLL(str(native._build(cxx, flags)))
+    native._declare(lib)
+    assert lib.kvk_score_keys_per_tile() == 16 and lib.kvk_attention_keys_per_tile() == 16  # the 8-lane tiles
+    gen = torch.Generator().manual_seed(7)
+    for Hkv, G, D, N, Lq, scored in ((3, 3, 64, 37, 21, (2, 5, 30)), (1, 2, 128, 70, 5, (3, 10, 70)),
+                                     (2, 1, 80, 3, 40, (1, 1, 3))):
+        q = torch.randn(1, Hkv * G, Lq, D, generator=gen)
+        k, v = (torch.randn(1, Hkv, N + Lq, D, generator=gen) for _ in range(2))
+        _, start, end = scored
+        o, row_lse = native.reconstruction_attention(lib, q, k, v, N, 0.1, scored)
+        with native.forced(False):
+            o_eager, lse_eager = context_then_causal_self(q, k, v, N, 0.1, scored=scored)
+        torch.testing.assert_close(o, o_eager, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(row_lse, lse_eager, rtol=1e-5, atol=1e-5)
+        q_rows, lse = q.reshape(Hkv, G * Lq, D), row_lse.reshape(Hkv, G * Lq)
+        best = native.score_max(lib, q_rows, 0.1, lse, k[0, :, start:end])
+        with native.forced(False):
+            want = _max_logit_minus_lse(q_rows, 0.1, k, lse, start, end)
+        torch.testing.assert_close(best, want, rtol=1e-5, atol=1e-5)
