@@ -103,13 +103,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.kvk_quant_append.restype = i32
     lib.kvk_score_max_f32.argtypes = [p, p, p, i64, i64, i64, i64, f32, p, i32]
     lib.kvk_score_max_f32.restype = i32
-    lib.kvk_score_keys_per_tile.argtypes = []
-    lib.kvk_score_keys_per_tile.restype = i64
+    lib.kvk_keys_per_tile.argtypes = []
+    lib.kvk_keys_per_tile.restype = i64
     lib.kvk_reconstruction_attention_f32.argtypes = [p, p, i64, p, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64,
-                                                     f32, p, p, p, i32]
+                                                     f32, p, p, i32]
     lib.kvk_reconstruction_attention_f32.restype = i32
-    lib.kvk_attention_keys_per_tile.argtypes = []
-    lib.kvk_attention_keys_per_tile.restype = i64
 
 
 def library() -> Optional[ctypes.CDLL]:
@@ -218,14 +216,15 @@ def quant_decode(lib, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_t
     B, Hq, _, D = q.shape
     _, H, TC, _ = k_tail.shape
     S = B * H
-    if k_codes.shape[0] * (32 // bits) != v_codes.shape[0] or k_scale.shape[0] * group_size != v_codes.shape[0]:
+    Q = _quantized_rows(k_codes, k_scale, v_codes, bits, group_size)
+    if Q is None:
         raise ValueError("kvkernels.quant_pool_attention: the quantized buffers disagree on the row count")
     tensors = [t if t.is_contiguous() else t.contiguous()
                for t in (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len,
                          t_head, seg_len)]
     o = torch.empty(B, Hq, 1, D)
     lse = torch.empty(B, Hq, 1) if return_lse else None
-    code = lib.kvk_quant_decode_f32(*(t.data_ptr() for t in tensors[:9]), v_codes.shape[0],
+    code = lib.kvk_quant_decode_f32(*(t.data_ptr() for t in tensors[:9]), Q,
                                     *(t.data_ptr() for t in tensors[9:]), S, Hq // H, D, TC, bits, group_size,
                                     sm_scale, o.data_ptr(), lse.data_ptr() if return_lse else None,
                                     torch.get_num_threads())
@@ -236,8 +235,15 @@ def quant_decode(lib, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_t
         start, nq, head, n = (int(t.view(-1)[s]) for t in tensors[9:])
         raise SegmentTableError(
             f"kvkernels.quant_pool_attention: segment {s}'s tables (q_start {start}, q_len {nq}, t_head {head}, "
-            f"seg_len {n}) point outside the pool's buffers ({v_codes.shape[0]} quantized rows, {TC} ring slots)")
+            f"seg_len {n}) point outside the pool's buffers ({Q} quantized rows, {TC} ring slots)")
     return o, lse
+
+
+def _quantized_rows(k_codes, k_scale, v_codes, bits: int, group_size: int) -> Optional[int]:
+    """The quantized pool's row count Q (v_codes' rows), or None if k_codes / k_scale disagree with it: the
+    kernels bound every access by Q and derive the other buffers' sizes from it."""
+    Q = v_codes.shape[0]
+    return Q if k_codes.shape[0] * (32 // bits) == Q and k_scale.shape[0] * group_size == Q else None
 
 
 def ragged_append(lib, k_pool: torch.Tensor, v_pool: torch.Tensor, seg_start: torch.Tensor, seg_len: torch.Tensor,
@@ -258,30 +264,41 @@ def ragged_append(lib, k_pool: torch.Tensor, v_pool: torch.Tensor, seg_start: to
 def quant_append(lib, bufs, layer: int, k_new: torch.Tensor, v_new: torch.Tensor, bits: int, residual: int,
                  group_size: int, flush_after: bool) -> bool:
     """Append k_new/v_new [B, H, t, D] to layer ``layer`` of the quantized pool ``bufs`` (a ``QuantPool``'s
-    buffers: rings [L, B, H, TC, D] and tables [L, B, H], contiguous; the tables written in place). Groups
-    leaving the full-precision window are quantized too when the rings and scales are fp32 and
-    ``flush_after`` is false. True if done; False if the general path must run (nothing was written)."""
+    buffers: rings [L, B, H, TC, D] and tables [L, B, H]; the tables written in place). Groups leaving the
+    full-precision window are quantized too when the rings and scales are fp32 and ``flush_after`` is false.
+    True if done; False if the general path must run (nothing was written): a call that flushes otherwise,
+    or rings or tables that are not contiguous."""
     (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, q_cap, t_head, seg_len,
      seg_cap) = bufs
+    if not all(x.is_contiguous() for x in (k_tail, v_tail, q_start, q_len, q_cap, t_head, seg_len, seg_cap)):
+        return False
     B, H, t, D = k_new.shape
     k_new = k_new if k_new.is_contiguous() else k_new.contiguous()
     v_new = v_new if v_new.is_contiguous() else v_new.contiguous()
     TC, size, first = k_tail.shape[3], k_tail.element_size(), layer * B * H  # no select ops
     ring = first * TC * D * size
-    Q = v_codes.shape[0]  # quantized rows; the other buffers' sizes follow from it (checked here: the kernel
-    # bounds every write by Q)
-    flushable = (not flush_after and k_tail.dtype == v_tail.dtype == torch.float32
-                 and all(x.dtype == torch.float32 for x in (k_scale, k_zero, v_scale, v_zero))
-                 and k_codes.shape[0] * (32 // bits) == Q and k_scale.shape[0] * group_size == Q
-                 and all(x.is_contiguous() for x in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, q_start,
-                                                     q_cap)))
+    Q = _quantized_rows(k_codes, k_scale, v_codes, bits, group_size)
+    flushable = (not flush_after and Q is not None and k_tail.dtype == v_tail.dtype == torch.float32
+                 and all(x.dtype == torch.float32 and x.is_contiguous() for x in (k_scale, k_zero, v_scale, v_zero))
+                 and k_codes.is_contiguous() and v_codes.is_contiguous())
     codes = [x.data_ptr() if flushable else None for x in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)]
     return lib.kvk_quant_append(k_tail.data_ptr() + ring, v_tail.data_ptr() + ring, TC, D * size,
                                 q_start.data_ptr() + 8 * first, q_len.data_ptr() + 4 * first,
                                 q_cap.data_ptr() + 4 * first, t_head.data_ptr() + 4 * first,
                                 seg_len.data_ptr() + 4 * first, seg_cap.data_ptr() + 4 * first, B * H,
                                 k_new.data_ptr(), v_new.data_ptr(), t, residual, group_size, int(flush_after), *codes,
-                                Q, bits) == 0
+                                Q or 0, bits) == 0
+
+
+def _keys_transposed(lib, keys: torch.Tensor) -> torch.Tensor:
+    """fp32 [S, D, M] copy of keys [S, n, D] with the keys along the last dim (the scoring kernels' vector
+    lanes), zero-padded to M, the next multiple of their key tile."""
+    S, n, D = keys.shape
+    tile = lib.kvk_keys_per_tile()
+    keys_t = torch.empty(S, D, -(-n // tile) * tile)
+    keys_t[:, :, :n] = keys.transpose(1, 2)
+    keys_t[:, :, n:] = 0
+    return keys_t
 
 
 def score_max(lib, q_rows: torch.Tensor, sm_scale: float, lse: torch.Tensor,
@@ -291,13 +308,10 @@ def score_max(lib, q_rows: torch.Tensor, sm_scale: float, lse: torch.Tensor,
     The keys are copied transposed (keys along the vector lanes), zero-padded to the kernel's key tile."""
     S, R, D = q_rows.shape
     m = keys.shape[1]
-    tile = lib.kvk_score_keys_per_tile()
-    m_pad = -(-m // tile) * tile
     q_rows = q_rows if q_rows.is_contiguous() else q_rows.contiguous()
     lse = lse if lse.is_contiguous() else lse.contiguous()
-    keys_t = torch.empty(S, D, m_pad)
-    keys_t[:, :, :m] = keys.transpose(1, 2)
-    keys_t[:, :, m:] = 0
+    keys_t = _keys_transposed(lib, keys)
+    m_pad = keys_t.shape[2]
     out = torch.empty(S, m_pad)
     code = lib.kvk_score_max_f32(q_rows.data_ptr(), lse.data_ptr(), keys_t.data_ptr(), S, R, m_pad, D, sm_scale,
                                  out.data_ptr(), torch.get_num_threads())
@@ -317,23 +331,18 @@ def reconstruction_attention(lib, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     B, Hq, Lq, D = q.shape
     Hkv, n = k.shape[1], k.shape[2]
     S, R = B * Hkv, (Hq // Hkv) * Lq
-    tile = lib.kvk_attention_keys_per_tile()
-    M = -(-n // tile) * tile
     q_rows = q.reshape(S, R, D)
     q_rows = q_rows if q_rows.is_contiguous() else q_rows.contiguous()
-    keys_t = torch.empty(S, D, M)
-    keys_t[:, :, :n] = k.reshape(S, n, D).transpose(1, 2)
-    keys_t[:, :, n:] = 0
+    keys_t = _keys_transposed(lib, k.reshape(S, n, D))
     values = v.reshape(S, n, D)
     if values.stride(2) != 1:
         values = values.contiguous()
     o = torch.empty(B, Hq, Lq, D)
-    lse = torch.empty(B, Hq, Lq)
     lse_scored = torch.empty(B, Hq, Lq) if scored is not None else None
     sink, start, end = scored if scored is not None else (0, 0, 0)
     code = lib.kvk_reconstruction_attention_f32(
-        q_rows.data_ptr(), keys_t.data_ptr(), M, values.data_ptr(), values.stride(0), values.stride(1), S, R, D,
-        n_context, Lq, sink, start, end, sm_scale, o.data_ptr(), lse.data_ptr(),
+        q_rows.data_ptr(), keys_t.data_ptr(), keys_t.shape[2], values.data_ptr(), values.stride(0), values.stride(1),
+        S, R, D, n_context, Lq, sink, start, end, sm_scale, o.data_ptr(),
         lse_scored.data_ptr() if scored is not None else None, torch.get_num_threads())
     if code == -1:
         return None

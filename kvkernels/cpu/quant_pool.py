@@ -2,9 +2,10 @@
 
 The decode step's common case runs the compiled kernels of :mod:`kvkernels.cpu.native` when they are
 available: fp32 attention with one query row (every segment of the layer in one call, quantized rows
-dequantized as they are read) and appends in which no segment flushes a group (the new rows go into their
-ring slots). What follows is the PyTorch path, for every other case and for machines without a C++
-compiler.
+dequantized as they are read) and appends (the new rows go into their ring slots; with fp32 rings in KIVI's
+order the groups that leave the full-precision window are quantized in the same call, bit for bit as
+``kivi_quantize``; otherwise only calls that flush nothing). What follows is the PyTorch path, for every
+other case and for machines without a C++ compiler.
 
 On CPU a decode step's cost at a few thousand tokens is mostly the fixed cost of each tensor op, so both
 kernels read the small per-layer tables (``q_start``, ``q_len``, ``t_head``, ``seg_len``, capacities) on
@@ -216,11 +217,11 @@ def quant_pool_append(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail
     TC = k_tail.shape[3]
     S = B * H
     lib = native.library()
-    if lib is not None and all(x.is_contiguous() for x in (k_tail, v_tail, q_len, t_head, seg_len, seg_cap)):
-        bufs = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, q_cap, t_head,
-                seg_len, seg_cap)
-        if native.quant_append(lib, bufs, layer, k_new, v_new, bits, residual, group_size, flush_after):
-            return  # done in one compiled call (flushes included, for fp32 rings in KIVI's order)
+    bufs = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, q_cap, t_head,
+            seg_len, seg_cap)
+    if lib is not None and native.quant_append(lib, bufs, layer, k_new, v_new, bits, residual, group_size,
+                                               flush_after):
+        return  # done in one compiled call (flushes included, for fp32 rings in KIVI's order)
     # Host reads (free on CPU tensors), as few ops as possible: the step's fixed cost is these calls.
     nqs, lens, heads, seg_caps = torch.stack((q_len[layer], seg_len[layer], t_head[layer], seg_cap[layer])).view(
         4, S).tolist()

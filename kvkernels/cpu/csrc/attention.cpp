@@ -1,8 +1,8 @@
 // The attention of KVzip's reconstruction forward on CPU (kvkernels/cpu/ragged_attention.py,
 // context_then_causal_self): R query rows per KV head over N context keys (all visible) and the block's own
-// Lq keys (row r = g * Lq + i sees own keys 0 .. i), in one online softmax, fp32. Besides the output and each
-// row's log-sum-exp it returns the log-sum-exp over the keys KVzip scores (sink, chunk and own keys), which
-// is the normaliser of kvzip_score.
+// Lq keys (row r = g * Lq + i sees own keys 0 .. i), in one online softmax, fp32. Besides the output it
+// returns each row's log-sum-exp over the keys KVzip scores (sink, chunk and own keys), which is the
+// normaliser of kvzip_score.
 //
 // Why C++ here: this attention is half of the reconstruction's time, and PyTorch's fused CPU kernel needs
 // separate calls for the unmasked context and the causal own keys, merged by log-sum-exp afterwards
@@ -10,12 +10,12 @@
 // logit kept in a small per-item buffer from its product to its weight.
 //
 // Layout: q [S, R, D] rows contiguous; kt [S, D, M] the N + Lq keys transposed (keys contiguous), M >= N + Lq
-// a multiple of the key tile (kvk_attention_keys_per_tile; the padding is never read into a result);
-// v rows of D floats at v + s * v_head + j * v_row. Outputs o [S, R, D], lse [S, R], lse_scored [S, R].
+// a multiple of the key tile (kvk_keys_per_tile; the padding is never read into a result); v rows of D floats
+// at v + s * v_head + j * v_row. Outputs o [S, R, D] and lse_scored [S, R] (nullable).
 //
-// Work items are (KV head, block of RB rows). Per block of KEYS keys: logits of the RB rows (tiles of
-// ROWS x KEYS accumulators, as in kvzip_score.cpp), masked and turned into weights with a running max per
-// row, then the weighted values added (tiles of PV_ROWS rows x D). Key blocks past the last own key any
+// Work items are (KV head, block of RB rows). Per block of KEYS keys: logits of the RB rows (vec.h's logit
+// tile, as in kvzip_score.cpp), masked and turned into weights with a running max per row, then the weighted
+// values added (tiles of pv_rows rows x D). Key blocks past the last own key any
 // row of the item sees are skipped: for causal rows that is about half of the own keys.
 
 #include <algorithm>
@@ -28,19 +28,16 @@ namespace {
 
 using namespace kvk;
 
-constexpr int KEY_VECS = REGISTERS == 32 ? 3 : 2;
-constexpr int64_t KEYS = KEY_VECS * LANES;  // keys per block
-constexpr int64_t ROWS = 4;                 // query rows per logit tile
-constexpr int64_t RB = 48;                  // rows per item: a multiple of ROWS and of every PV_ROWS
+constexpr int64_t RB = 48;  // rows per item: a multiple of vec.h's ROWS and of every pv_rows
 
 struct Problem {
   const float *q, *kt, *v;
   int64_t M, v_head, v_row, R, N, Lq, sink, chunk_start, chunk_end;
   float scale;
-  float *o, *lse, *lse_scored;
+  float *o, *lse_scored;
 };
 
-// Rows of the value tile: PV_ROWS x D / LANES accumulators in about half the registers.
+// Rows of the value tile: pv_rows x D / LANES accumulators in about half the registers.
 template <int D>
 constexpr int pv_rows() {
   constexpr int per_row = D / LANES;
@@ -82,15 +79,8 @@ void attend_rows(const Problem& p, int64_t s, int64_t r0) {
   for (int64_t j0 = 0; j0 < key_end; j0 += KEYS) {
     // Logits (scaled) of the RB rows with keys j0 .. j0 + KEYS.
     for (int64_t t0 = 0; t0 < RB; t0 += ROWS) {
-      vec a[ROWS][KEY_VECS] = {};
-      for (int d = 0; d < D; ++d) {
-        vec k[KEY_VECS];
-        for (int u = 0; u < KEY_VECS; ++u) k[u] = load(kt + d * p.M + j0 + u * LANES);
-        for (int i = 0; i < ROWS; ++i) {
-          const float qs = q[row[t0 + i] * D + d];
-          for (int u = 0; u < KEY_VECS; ++u) a[i][u] += k[u] * qs;
-        }
-      }
+      vec a[ROWS][KEY_VECS];
+      logit_tile<D>(q, row + t0, kt, p.M, j0, a);
       for (int i = 0; i < ROWS; ++i)
         for (int u = 0; u < KEY_VECS; ++u) store(w + (t0 + i) * KEYS + u * LANES, a[i][u] * p.scale);
     }
@@ -150,7 +140,6 @@ void attend_rows(const Problem& p, int64_t s, int64_t r0) {
     const float total = hsum(l[t]), scored = hsum(l_scored[t]);  // total > 0: a row sees at least key 0
     float* out = p.o + (s * p.R + r) * D;
     for (int64_t d = 0; d < D; ++d) out[d] = acc[t * D + d] / total;
-    p.lse[s * p.R + r] = m[t] + std::log(total);
     if (p.lse_scored) p.lse_scored[s * p.R + r] = scored > 0.f ? m[t] + std::log(scored) : NEG_INF;
   }
 }
@@ -172,18 +161,15 @@ RowsFn rows_kernel(int64_t D) {
 
 extern "C" {
 
-// The key tile: kt's key capacity M must be a multiple of it.
-int64_t kvk_attention_keys_per_tile() { return KEYS; }
-
 // Returns 0; -1 for a head dim without a kernel; -2 for sizes the layout above does not allow (caller bug).
 int kvk_reconstruction_attention_f32(const float* q, const float* kt, int64_t M, const float* v, int64_t v_head,
                                      int64_t v_row, int64_t S, int64_t R, int64_t D, int64_t N, int64_t Lq,
                                      int64_t sink, int64_t chunk_start, int64_t chunk_end, float scale, float* o,
-                                     float* lse, float* lse_scored, int threads) {
+                                     float* lse_scored, int threads) {
   const RowsFn kernel = rows_kernel(D);
   if (!kernel) return -1;
   if (M % KEYS != 0 || M < N + Lq || Lq < 1 || N < 0 || R < 1 || R % Lq != 0) return -2;
-  const Problem p{q, kt, v, M, v_head, v_row, R, N, Lq, sink, chunk_start, chunk_end, scale, o, lse, lse_scored};
+  const Problem p{q, kt, v, M, v_head, v_row, R, N, Lq, sink, chunk_start, chunk_end, scale, o, lse_scored};
   const int64_t blocks = (R + RB - 1) / RB, items = S * blocks;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && items > 1)
   for (int64_t it = 0; it < items; ++it) kernel(p, it / blocks, (it % blocks) * RB);

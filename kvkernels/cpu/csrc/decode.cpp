@@ -20,13 +20,14 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <limits>
 #include <vector>
+
+#include "vec.h"
 
 namespace {
 
 constexpr int64_t CHUNK = 256;
-constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+using kvk::NEG_INF;
 
 struct Item {
   int64_t seg, first, count;  // segment, first row, row count
@@ -113,26 +114,9 @@ struct QuantRows : RowSource {
   }
 };
 
-// exp(x) for x <= 0 (softmax weights), vectorizable (std::exp is a scalar libm call here: about half the
-// kernel's time). x = n ln2 + r with |r| <= ln2 / 2; exp(r) by its degree-6 Taylor polynomial (relative
-// error below 2e-7, about 2 ulp); 2^n built in the exponent bits. Below -87 the result underflows to 0.
+// exp(x) for x <= 0 (softmax weights): vec.h's, on one float, vectorizable across the loop that calls it.
 #pragma omp declare simd
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = x - n * 0.693145751953125f - n * 1.42860682030941723e-6f;  // ln2 split: exact n * hi
-  float p = 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
+inline float exp_nonpositive(float x) { return kvk::exp_nonpositive(x); }
 
 // Eight floats: GCC/Clang vector extensions (AVX on x86-64, two NEON registers on AArch64), so that the
 // products below run on whole vectors without intrinsics. Loads and stores go through memcpy (unaligned).
@@ -289,9 +273,16 @@ void quantize_group(const float* x, int64_t n, int64_t levels, float* scale, flo
   }
 }
 
-// Quantize the f oldest ring rows of one segment (k_rows[i], v_rows[i] -> D floats; f whole groups) into quantized rows
-// row0 .. row0 + f: keys per channel over each group of gs rows, values per row over groups of gs channels;
-// codes packed F = 32 / bits to a word, least significant first (keys along rows, values along channels).
+// F = 32 / bits codes in one int32 word, the first in the least significant bits.
+int32_t pack_word(const uint32_t* code, int64_t F, int64_t bits) {
+  uint32_t word = 0;
+  for (int64_t i = 0; i < F; ++i) word |= code[i] << (bits * i);
+  return static_cast<int32_t>(word);
+}
+
+// Quantize the f oldest ring rows of one segment (k_rows[i], v_rows[i] -> D floats; f whole groups) into
+// quantized rows row0 .. row0 + f: keys per channel over each group of gs rows, values per row over groups
+// of gs channels; codes packed with pack_word (keys along rows, values along channels).
 void flush_rows(const QuantBuffers& qb, const float* const* k_rows, const float* const* v_rows, int64_t f,
                 int64_t row0, int64_t D, int64_t gs) {
   const int64_t F = 32 / qb.bits, levels = (1 << qb.bits) - 1;
@@ -303,11 +294,8 @@ void flush_rows(const QuantBuffers& qb, const float* const* k_rows, const float*
       for (int64_t i = 0; i < gs; ++i) column[i] = k_rows[g + i][d];
       quantize_group(column.data(), gs, levels, qb.k_scale + group * D + d, qb.k_zero + group * D + d,
                      code.data());
-      for (int64_t w = 0; w < gs / F; ++w) {
-        uint32_t word = 0;
-        for (int64_t i = 0; i < F; ++i) word |= code[w * F + i] << (qb.bits * i);
-        qb.k_codes[((row0 + g) / F + w) * D + d] = static_cast<int32_t>(word);
-      }
+      for (int64_t w = 0; w < gs / F; ++w)
+        qb.k_codes[((row0 + g) / F + w) * D + d] = pack_word(&code[w * F], F, qb.bits);
     }
   }
   for (int64_t i = 0; i < f; ++i) {  // values: row by row, groups of gs channels
@@ -315,11 +303,7 @@ void flush_rows(const QuantBuffers& qb, const float* const* k_rows, const float*
     for (int64_t c = 0; c < D / gs; ++c)
       quantize_group(v_rows[i] + c * gs, gs, levels, qb.v_scale + row * (D / gs) + c,
                      qb.v_zero + row * (D / gs) + c, code.data() + c * gs);
-    for (int64_t w = 0; w < D / F; ++w) {
-      uint32_t word = 0;
-      for (int64_t i2 = 0; i2 < F; ++i2) word |= code[w * F + i2] << (qb.bits * i2);
-      qb.v_codes[row * (D / F) + w] = static_cast<int32_t>(word);
-    }
+    for (int64_t w = 0; w < D / F; ++w) qb.v_codes[row * (D / F) + w] = pack_word(&code[w * F], F, qb.bits);
   }
 }
 

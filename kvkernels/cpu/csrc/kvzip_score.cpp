@@ -11,9 +11,8 @@
 //   lse [S, R]     each row's log-sum-exp;
 //   kt  [S, D, M]  the chunk's keys transposed (keys contiguous), M a multiple of KEYS (the caller pads);
 //   out [S, M]     max_r (scale * q_r . k_j - lse_r).
-// Keys are the vector lanes: a micro-tile is KEYS keys x ROWS rows of accumulators, fed per channel by
-// KEY_VECS vector loads of keys and ROWS broadcasts of query values. The last tile of rows repeats row R - 1
-// instead of reading past the end: a repeated row cannot change a max.
+// The logits come from vec.h's logit tile (ROWS rows x KEYS keys in registers). The last tile of rows repeats
+// row R - 1 instead of reading past the end: a repeated row cannot change a max.
 
 #include <algorithm>
 #include <cstdint>
@@ -24,11 +23,6 @@ namespace {
 
 using namespace kvk;
 
-// 3 x 4 tiles measured fastest with AVX-512 (12 accumulators of the 32 registers); 2 x 4 with 16 registers.
-constexpr int KEY_VECS = REGISTERS == 32 ? 3 : 2;
-constexpr int64_t KEYS = KEY_VECS * LANES;  // keys per item; exported (kvk_score_keys_per_tile)
-constexpr int64_t ROWS = 4;                 // query rows per micro-tile
-
 // out[0 .. KEYS): for keys j0 .. j0 + KEYS of one KV head, the max over all R rows. (Blocking the rows so that
 // a block of queries serves several key tiles from cache measured no faster: the queries of a head stay in
 // L2/L3 here.)
@@ -36,23 +30,16 @@ template <int D>
 void score_keys(const float* q, const float* lse, int64_t R, const float* kt, int64_t M, int64_t j0, float scale,
                 float* out) {
   vec best[KEY_VECS];
-  for (int v = 0; v < KEY_VECS; ++v) best[v] = splat(NEG_INF);
+  for (int u = 0; u < KEY_VECS; ++u) best[u] = splat(NEG_INF);
   for (int64_t r = 0; r < R; r += ROWS) {
     int64_t row[ROWS];
     for (int i = 0; i < ROWS; ++i) row[i] = std::min(r + i, R - 1);
-    vec acc[ROWS][KEY_VECS] = {};
-    for (int d = 0; d < D; ++d) {
-      vec k[KEY_VECS];
-      for (int v = 0; v < KEY_VECS; ++v) k[v] = load(kt + d * M + j0 + v * LANES);
-      for (int i = 0; i < ROWS; ++i) {
-        const float qs = q[row[i] * D + d];
-        for (int v = 0; v < KEY_VECS; ++v) acc[i][v] += k[v] * qs;
-      }
-    }
+    vec acc[ROWS][KEY_VECS];
+    logit_tile<D>(q, row, kt, M, j0, acc);
     for (int i = 0; i < ROWS; ++i)  // the scale is applied once per logit here, as one multiply-add
-      for (int v = 0; v < KEY_VECS; ++v) best[v] = vmax(best[v], acc[i][v] * scale - lse[row[i]]);
+      for (int u = 0; u < KEY_VECS; ++u) best[u] = vmax(best[u], acc[i][u] * scale - lse[row[i]]);
   }
-  for (int v = 0; v < KEY_VECS; ++v) store(out + v * LANES, best[v]);
+  for (int u = 0; u < KEY_VECS; ++u) store(out + u * LANES, best[u]);
 }
 
 using KeysFn = void (*)(const float*, const float*, int64_t, const float*, int64_t, int64_t, float, float*);
@@ -72,8 +59,9 @@ KeysFn keys_kernel(int64_t D) {
 
 extern "C" {
 
-// The key tile: kt's key count M must be a multiple of it.
-int64_t kvk_score_keys_per_tile() { return KEYS; }
+// The key tile of both scoring kernels (this one and attention.cpp's): kt's key count M must be a multiple
+// of it.
+int64_t kvk_keys_per_tile() { return KEYS; }
 
 // Returns 0; -1 for a head dim without a kernel; -2 if M is not a multiple of the tile or R < 1.
 int kvk_score_max_f32(const float* q, const float* lse, const float* kt, int64_t S, int64_t R, int64_t M,
