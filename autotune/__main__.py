@@ -92,7 +92,7 @@ def discover_backends(op: str, wanted: tuple[str, ...], device: torch.device,
         if module_name is None:
             continue  # this backend has no kernel for the op at all: nothing to say
         if modules is None:
-            ok, why = _backend._can_run(name, device)
+            ok, why = _backend._can_run(name, device.type)
             if not ok:
                 skipped.append(f"{op}: {name} skipped ({why})")
                 continue

@@ -83,7 +83,7 @@ def _require_kernel(backend: str, op: str) -> None:
 def _require_device(backend: str, device: torch.device) -> None:
     from kvkernels import _backend
 
-    ok, why = _backend._can_run(backend, device)
+    ok, why = _backend._can_run(backend, device.type)
     if not ok:
         raise Unavailable(why)
 

@@ -33,16 +33,24 @@ import torch
 
 from . import _checks, _nvtx
 from . import _validate as V
-from ._backend import resolve
+from ._backend import device_type, resolve_for
 
 LIB = "kvkernels"
 _FRAGMENT = torch.library.Library(LIB, "FRAGMENT")  # kept alive for the process: it owns the registrations
 
 
 class KernelOp:
-    """``torch.ops.kvkernels.<name>`` defined from an annotated Python function (see the module docstring)."""
+    """``torch.ops.kvkernels.<name>`` defined from an annotated Python function (see the module docstring).
 
-    def __init__(self, fn: Callable, name: str, mutates_args: Iterable[str]):
+    ``fast_path=(accepts, run)``, for the ops a decode step calls once per layer: ``accepts(*args)`` is True only
+    when every argument has its schema type, every tensor is a plain tensor on the first argument's device and
+    the op's checks would pass; ``run(*args)`` is the op without its checks. A positional call that passes
+    ``accepts`` in plain eager mode then costs one predicate and the kernel; anything else (keywords, invalid
+    input, meta tensors, subclasses, modes, autograd) goes through the dispatcher and the op's own checks.
+    """
+
+    def __init__(self, fn: Callable, name: str, mutates_args: Iterable[str],
+                 fast_path: Optional[tuple[Callable[..., bool], Callable]] = None):
         schema = torch.library.infer_schema(fn, mutates_args=tuple(mutates_args))
         _FRAGMENT.define(name + schema)
         _FRAGMENT.impl(name, fn, "CompositeExplicitAutograd")
@@ -51,6 +59,7 @@ class KernelOp:
         arguments = self._op._schema.arguments
         self._arg_checks = [_schema_check(str(a.type)) for a in arguments]
         self._kwarg_checks = {a.name: c for a, c in zip(arguments, self._arg_checks)}
+        self._fast_path = fast_path
         functools.update_wrapper(self, fn)
 
     def register_fake(self, fake: Callable) -> Callable:
@@ -58,6 +67,11 @@ class KernelOp:
         return fake
 
     def __call__(self, *args, **kwargs):
+        if self._fast_path is not None and not kwargs:
+            accepts, run = self._fast_path
+            if _eager_without_modes() and accepts(*args) and not _meta_or_autograd(args):
+                return run(*args)
+            return self._op(*args)
         if self._dispatcher_adds_nothing(args, kwargs):
             return self.__wrapped__(*args, **kwargs)
         return self._op(*args, **kwargs)
@@ -65,8 +79,7 @@ class KernelOp:
     def _dispatcher_adds_nothing(self, args, kwargs) -> bool:
         """True when a dispatcher call would only run our function: eager, no mode, no tracing, arguments of
         the schema's types (else the dispatcher raises its schema error), plain tensors, no autograd."""
-        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or \
-                torch._C._is_torch_function_mode_enabled() or len(args) > len(self._arg_checks):
+        if not _eager_without_modes() or len(args) > len(self._arg_checks):
             return False
         for a, check in zip(args, self._arg_checks):
             if check is None or not check(a):
@@ -75,11 +88,22 @@ class KernelOp:
             check = self._kwarg_checks.get(name)
             if check is None or not check(a):
                 return False
-        if torch.is_grad_enabled():
-            for a in (*args, *kwargs.values()):
-                if type(a) is torch.Tensor and a.requires_grad:
-                    return False
-        return True
+        return not _needs_autograd((*args, *kwargs.values()))
+
+
+def _eager_without_modes() -> bool:
+    return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+                or torch._C._is_torch_function_mode_enabled())
+
+
+def _needs_autograd(args) -> bool:
+    return torch.is_grad_enabled() and any(type(a) is torch.Tensor and a.requires_grad for a in args)
+
+
+def _meta_or_autograd(args) -> bool:
+    """For arguments a fast path accepted (all tensors on args[0]'s device): meta tensors (the dispatcher runs
+    the fake kernel for them) or a tensor that requires grad."""
+    return args[0].is_meta or _needs_autograd(args)
 
 
 def _is_plain_tensor(a) -> bool:
@@ -106,14 +130,15 @@ def _schema_check(type_name: str) -> Optional[Callable[[object], bool]]:
     return _TYPE_CHECKS.get(type_name)
 
 
-def kernel_op(name: str, mutates_args: Iterable[str] = ()) -> Callable[[Callable], KernelOp]:
+def kernel_op(name: str, mutates_args: Iterable[str] = (), fast_path=None) -> Callable[[Callable], KernelOp]:
     """Decorator: register ``fn`` as ``torch.ops.kvkernels.<name>`` (cheap per-call registration path)."""
-    return lambda fn: KernelOp(fn, name, mutates_args)
+    return lambda fn: KernelOp(fn, name, mutates_args, fast_path)
 
 
-def _run(op: str, device: torch.device, *args):
-    """Call the backend's kernel for ``op``, inside an NVTX range named after the op (free when unprofiled)."""
-    fn = resolve(op, device)
+def _run(op: str, like: torch.Tensor, *args):
+    """Call the backend's kernel for ``op`` on ``like``'s device, inside an NVTX range named after the op (free
+    when unprofiled)."""
+    fn = resolve_for(op, device_type(like))
     with _nvtx.range(op):
         return fn(*args)
 
@@ -134,7 +159,7 @@ def kvzip_score(
     V.check_kvzip_score(q, k, k_self, sink_len, chunk_start, chunk_end, row_lse)
     if _checks.enabled: _checks.kvzip_score(q, k, k_self, sink_len, chunk_start, chunk_end, row_lse)
     scale = V.scale_value("kvzip_score", sm_scale, q.shape[-1])
-    return _run("kvzip_score", q.device, q, k, k_self, sink_len, chunk_start, chunk_end, scale, row_lse)
+    return _run("kvzip_score", q, q, k, k_self, sink_len, chunk_start, chunk_end, scale, row_lse)
 
 
 @kvzip_score.register_fake
@@ -149,7 +174,7 @@ def _(q, k, k_self, sink_len, chunk_start, chunk_end, sm_scale=None, row_lse=Non
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     V.check_topk_mask(scores, k)
     if _checks.enabled: _checks.topk_mask(scores, k)
-    return _run("topk_mask", scores.device, scores, k)
+    return _run("topk_mask", scores, scores, k)
 
 
 @topk_mask.register_fake
@@ -180,7 +205,7 @@ def compact_kv(
     V.check_compact_kv(keys, values, keep, num_kept, slack)
     _check_num_kept(keep, num_kept)
     if _checks.enabled: _checks.compact_kv(keys, values, keep, num_kept, slack)
-    return _run("compact_kv", keep.device, list(keys), list(values), keep, num_kept, slack)
+    return _run("compact_kv", keep, list(keys), list(values), keep, num_kept, slack)
 
 
 @compact_kv.register_fake
@@ -200,7 +225,13 @@ def _(keys, values, keep, num_kept, slack):
 
 # ---------------------------------------------------------------------------------------------------
 # 4. ragged_append
-@kernel_op("ragged_append", mutates_args=("k_pool", "v_pool", "seg_len"))
+def _ragged_append(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new) -> None:
+    if _checks.enabled: _checks.ragged_append(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new)
+    _run("ragged_append", k_pool, k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new)
+
+
+@kernel_op("ragged_append", mutates_args=("k_pool", "v_pool", "seg_len"),
+           fast_path=(V.ragged_append_accepts, _ragged_append))
 def ragged_append(
     k_pool: torch.Tensor,
     v_pool: torch.Tensor,
@@ -212,8 +243,7 @@ def ragged_append(
     v_new: torch.Tensor,
 ) -> None:
     V.check_ragged_append(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new)
-    if _checks.enabled: _checks.ragged_append(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new)
-    _run("ragged_append", k_pool.device, k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new)
+    _ragged_append(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new)
 
 
 @ragged_append.register_fake
@@ -223,7 +253,13 @@ def _(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new):
 
 # ---------------------------------------------------------------------------------------------------
 # 5. ragged_attention
-@kernel_op("ragged_attention", mutates_args=())
+def _ragged_attention(q, k_pool, v_pool, seg_start, seg_len, sm_scale=None, return_lse=False):
+    if _checks.enabled: _checks.ragged_attention(q, k_pool, v_pool, seg_start, seg_len)
+    scale = V.scale_value("ragged_attention", sm_scale, q.shape[-1])
+    return _run("ragged_attention", q, q, k_pool, v_pool, seg_start, seg_len, scale, return_lse)
+
+
+@kernel_op("ragged_attention", mutates_args=(), fast_path=(V.ragged_attention_accepts, _ragged_attention))
 def ragged_attention(
     q: torch.Tensor,
     k_pool: torch.Tensor,
@@ -234,9 +270,7 @@ def ragged_attention(
     return_lse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     V.check_ragged_attention(q, k_pool, v_pool, seg_start, seg_len)
-    if _checks.enabled: _checks.ragged_attention(q, k_pool, v_pool, seg_start, seg_len)
-    scale = V.scale_value("ragged_attention", sm_scale, q.shape[-1])
-    return _run("ragged_attention", q.device, q, k_pool, v_pool, seg_start, seg_len, scale, return_lse)
+    return _ragged_attention(q, k_pool, v_pool, seg_start, seg_len, sm_scale, return_lse)
 
 
 @ragged_attention.register_fake
@@ -255,7 +289,7 @@ def kivi_quantize(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     V.check_kivi_quantize(x, bits, group_size, axis)
     if _checks.enabled: _checks.kivi_quantize(x, bits, group_size, axis)
-    return _run("kivi_quantize", x.device, x, bits, group_size, axis)
+    return _run("kivi_quantize", x, x, bits, group_size, axis)
 
 
 def kivi_shapes(B: int, H: int, T: int, D: int, bits: int, group_size: int, axis: str):
@@ -279,7 +313,7 @@ def kivi_dequantize(
 ) -> torch.Tensor:
     V.check_kivi_dequantize(codes, scale, zero, bits, group_size, axis)
     if _checks.enabled: _checks.kivi_dequantize(codes, scale, zero, bits, group_size, axis)
-    return _run("kivi_dequantize", codes.device, codes, scale, zero, bits, group_size, axis)
+    return _run("kivi_dequantize", codes, codes, scale, zero, bits, group_size, axis)
 
 
 @kivi_dequantize.register_fake
@@ -314,7 +348,7 @@ def kivi_attention(
                            group_size, k_lr_u, k_lr_w, v_lr_u, v_lr_w)
     if _checks.enabled: _checks.kivi_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, bits, group_size, k_lr_u, k_lr_w, v_lr_u, v_lr_w)
     scale = V.scale_value("kivi_attention", sm_scale, q.shape[-1])
-    return _run("kivi_attention", q.device, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail,
+    return _run("kivi_attention", q, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail,
                 bits, group_size, scale, k_lr_u, k_lr_w, v_lr_u, v_lr_w)
 
 
@@ -332,7 +366,7 @@ def _(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, bit
 def lowrank_residual(err: torch.Tensor, rank: int, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     V.check_lowrank_residual(err, rank, iters)
     if _checks.enabled: _checks.lowrank_residual(err, rank, iters)
-    return _run("lowrank_residual", err.device, err, rank, iters)
+    return _run("lowrank_residual", err, err, rank, iters)
 
 
 @lowrank_residual.register_fake
@@ -370,7 +404,7 @@ def quant_pool_build(
     V.check_quant_pool_build(k_pool, v_pool, seg_start, seg_len, bits, group_size, residual, slack, q_rows)
     _quant_pool_rows_check(seg_len, group_size, residual, slack, q_rows)
     if _checks.enabled: _checks.quant_pool_build(k_pool, v_pool, seg_start, seg_len, bits, group_size, residual, slack, q_rows)
-    return _run("quant_pool_build", k_pool.device, k_pool, v_pool, seg_start, seg_len, bits, group_size, residual,
+    return _run("quant_pool_build", k_pool, k_pool, v_pool, seg_start, seg_len, bits, group_size, residual,
                 slack, q_rows)
 
 
@@ -389,9 +423,19 @@ def _(k_pool, v_pool, seg_start, seg_len, bits, group_size, residual, slack, q_r
             new(seg, dtype=torch.int32))
 
 
+def _quant_pool_append(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, q_cap,
+                       t_head, seg_len, seg_cap, layer, k_new, v_new, bits, group_size, residual,
+                       flush_after=False) -> None:
+    args = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, q_cap, t_head,
+            seg_len, seg_cap, layer, k_new, v_new, bits, group_size, residual)
+    if _checks.enabled: _checks.quant_pool_append(*args)
+    _run("quant_pool_append", k_tail, *args, flush_after)
+
+
 @kernel_op("quant_pool_append",
            mutates_args=("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "k_tail", "v_tail", "q_len",
-                         "t_head", "seg_len"))
+                         "t_head", "seg_len"),
+           fast_path=(V.quant_pool_append_accepts, _quant_pool_append))
 def quant_pool_append(
     k_codes: torch.Tensor,
     k_scale: torch.Tensor,
@@ -418,8 +462,7 @@ def quant_pool_append(
     args = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, q_cap, t_head,
             seg_len, seg_cap, layer, k_new, v_new, bits, group_size, residual)
     V.check_quant_pool_append(*args)
-    if _checks.enabled: _checks.quant_pool_append(*args)
-    _run("quant_pool_append", k_tail.device, *args, bool(flush_after))
+    _quant_pool_append(*args, bool(flush_after))
 
 
 @quant_pool_append.register_fake
@@ -429,7 +472,17 @@ def _(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_star
                               q_cap, t_head, seg_len, seg_cap, layer, k_new, v_new, bits, group_size, residual)
 
 
-@kernel_op("quant_pool_attention", mutates_args=())
+def _quant_pool_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len,
+                          t_head, seg_len, bits, group_size, sm_scale=None, return_lse=False):
+    args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, t_head, seg_len,
+            bits, group_size)
+    if _checks.enabled: _checks.quant_pool_attention(*args)
+    scale = V.scale_value("quant_pool_attention", sm_scale, q.shape[-1])
+    return _run("quant_pool_attention", q, *args, scale, return_lse)
+
+
+@kernel_op("quant_pool_attention", mutates_args=(),
+           fast_path=(V.quant_pool_attention_accepts, _quant_pool_attention))
 def quant_pool_attention(
     q: torch.Tensor,
     k_codes: torch.Tensor,
@@ -452,9 +505,7 @@ def quant_pool_attention(
     args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, t_head, seg_len,
             bits, group_size)
     V.check_quant_pool_attention(*args)
-    if _checks.enabled: _checks.quant_pool_attention(*args)
-    scale = V.scale_value("quant_pool_attention", sm_scale, q.shape[-1])
-    return _run("quant_pool_attention", q.device, *args, scale, return_lse)
+    return _quant_pool_attention(*args, sm_scale, return_lse)
 
 
 @quant_pool_attention.register_fake

@@ -271,6 +271,46 @@ def test_api_calls_skip_the_dispatcher_only_in_plain_eager_mode(monkeypatch):
         assert ops.topk_mask._dispatcher_adds_nothing((x, 2), {})
 
 
+def test_fast_path_ops_go_through_the_dispatcher_only_when_it_adds_something(monkeypatch):
+    """The decode ops' fast path (one predicate, then the kernel) runs for valid positional calls in plain
+    eager mode; invalid input, meta tensors, a tensor that requires grad or a dispatch mode go through
+    torch.ops (whose checks then name the bad argument). Keyword calls take the general direct path."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kvkernels import ops
+
+    pool = kvkernels.compact_kv(*small_pool())
+    args = (rand(1, 9, 1, 64), pool.k_pool, pool.v_pool, pool.seg_start[0], pool.seg_len[0])
+    calls = []
+    real = ops.ragged_attention._op
+    monkeypatch.setattr(ops.ragged_attention, "_op", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def through_dispatcher(*a, **k) -> bool:
+        calls.clear()
+        kvkernels.ragged_attention(*a, **k)
+        return bool(calls)
+
+    assert not through_dispatcher(*args)
+    assert not through_dispatcher(*args, 0.125, True)
+    assert not through_dispatcher(*args, sm_scale=0.125)
+    with pytest.raises(RuntimeError, match="Expected a value of type 'bool' for argument 'return_lse'"):
+        through_dispatcher(*args, return_lse="yes")
+    assert through_dispatcher(*args, 1, False)  # an int sm_scale: the schema converts it
+    with torch.no_grad():
+        assert not through_dispatcher(*args)
+    assert through_dispatcher(args[0].clone().requires_grad_(), *args[1:])
+    assert through_dispatcher(*(t.to("meta") for t in args))
+    with pytest.raises(ValueError, match="seg_len must have 2 dims"):
+        through_dispatcher(*args[:4], pool.seg_len)
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passthrough():
+        assert through_dispatcher(*args)
+
+
 def _strided_q(B, Hq, Lq, D):
     """A [B, Hq, Lq, D] query whose storage is Lq-major (as after a [B, Lq, Hq, D] -> transpose)."""
     return rand(B, Lq, Hq, D).transpose(1, 2)
@@ -346,6 +386,49 @@ def test_fast_checks_imply_detailed_checks(case, monkeypatch):
     assert rejected >= len(args), "too few invalid variants: the test would not test the fast check"
 
 
+def _more_variants(arg):
+    """Beyond _mutations: dim 1 shortened (e.g. a head count that is not a multiple of the KV heads), a Parameter
+    (a tensor subclass), None, a list; int64 overflows for an int."""
+    if isinstance(arg, torch.Tensor):
+        if arg.dim() > 1 and arg.shape[1] > 1:
+            yield arg[:, 1:]
+        yield torch.nn.Parameter(arg.detach().float(), requires_grad=False)
+    elif isinstance(arg, int) and not isinstance(arg, bool):
+        yield from (2 ** 63, -2 ** 70)
+    yield None
+    yield [arg]
+
+
+@pytest.mark.parametrize("case", range(2), ids=["ragged_append", "ragged_attention"])
+def test_cxx_checks_equal_the_python_checks(case):
+    """The C++ twins of the decode path's fast checks (cpu/csrc/bindings.cpp) return what the Python ones
+    return, on valid input and on every variant of one argument (dtype, shape, device, range, Python type),
+    and on the trailing schema arguments the fast path also checks (sm_scale, return_lse)."""
+    from kvkernels import _validate as V
+    from kvkernels.cpu import native
+
+    cxx = native.bindings()
+    if cxx is None:
+        pytest.skip(f"no C++ checks here: {native.status()}")
+    _, _, args = list(_fast_check_cases())[case]
+    if case == 0:
+        python, compiled = V._append_ok, cxx.ragged_append_accepts
+    else:
+        python = lambda *a: V._scale_arg_ok(a[5]) and type(a[6]) is bool and V._attention_ok(*a[:5])  # noqa: E731
+        compiled = cxx.ragged_attention_accepts
+        args = (*args, None, False)
+    variants = [args]
+    for i, arg in enumerate(args):
+        bad = list(_mutations(arg)) + list(_more_variants(arg))
+        variants += [(*args[:i], b, *args[i + 1:]) for b in bad]
+    if case == 1:
+        variants += [(*args[:5], s, lse) for s in (0.5, 1, "x", float("nan")) for lse in (True, 1, None)]
+    assert compiled(*args)
+    mismatches = [i for i, v in enumerate(variants) if bool(compiled(*v)) != bool(python(*v))]
+    assert not mismatches, f"C++ and Python checks differ on variants {mismatches}"
+    assert sum(not python(*v) for v in variants) >= len(args), "too few invalid variants to test anything"
+
+
 def test_cpu_compiled_kernels_fall_back_with_a_warning(monkeypatch, tmp_path):
     """No usable compiler: one RuntimeWarning that says why, then the PyTorch path (same results);
     KVKERNELS_NATIVE=0: the PyTorch path, silently."""
@@ -370,7 +453,8 @@ def test_cpu_compiled_kernels_fall_back_with_a_warning(monkeypatch, tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert native.library() is None
-        assert native.status() == "compiled kernels: off, turned off by KVKERNELS_NATIVE=0"
+        assert native.status() == ("compiled kernels: off, turned off by KVKERNELS_NATIVE=0; "
+                                   "C++ argument checks: off, compiled kernels off")
     finally:
         native.reset()
 
@@ -386,7 +470,7 @@ def test_compiled_kernel_sources_ship_with_the_package():
     setup = (Path(__file__).parents[1] / "setup.py").read_text()
     globs = re.findall(r'"(cpu/csrc/[^"]+)"', setup)
     package = Path(native.__file__).parents[1]
-    built = {path.relative_to(package).as_posix() for path in native.SOURCES + native.HEADERS}
+    built = {path.relative_to(package).as_posix() for path in (*native.SOURCES, *native.HEADERS, native.BINDINGS)}
     assert built and all(any(fnmatch.fnmatch(path, g) for g in globs) for path in built), (built, globs)
     assert {p.relative_to(package).as_posix() for p in native.CSRC.iterdir()} == built
 

@@ -107,17 +107,28 @@ def run_compact(backend, keys, values, keep, slack):
     return pool
 
 
-# The cpu backend's append runs the compiled kernel (kvkernels/cpu/native) when it is built; "cpu-eager" is
-# the same backend with it forced off (the PyTorch path that runs without a C++ compiler).
-APPEND_BACKENDS = BACKENDS + ["cpu-eager"]
+# The cpu backend's append runs the compiled kernel (kvkernels/cpu/native) when it is built, called through the
+# C++ bindings; "cpu-ctypes" calls it through ctypes (the bindings not built: no Python headers), "cpu-eager"
+# runs with it forced off (the PyTorch path that runs without a C++ compiler).
+APPEND_BACKENDS = BACKENDS + ["cpu-ctypes", "cpu-eager"]
+
+
+def _native_forced(backend):
+    from kvkernels.cpu import native
+
+    if backend == "cpu-eager":
+        return native.forced(False)
+    if backend == "cpu-ctypes":
+        if not native.compiler_available():
+            pytest.skip("no C++ compiler to build the compiled kernels")
+        return native.forced(True, checks=False)
+    return contextlib.nullcontext()
 
 
 def run_append(backend, pool, layer, k_new, v_new):
-    from kvkernels.cpu import native
-
-    eager = backend == "cpu-eager"
-    backend = "cpu" if eager else backend
-    with kvkernels.use_backend(backend), native.forced(False) if eager else contextlib.nullcontext():
+    forced = _native_forced(backend)
+    backend = "cpu" if backend.startswith("cpu") else backend
+    with kvkernels.use_backend(backend), forced:
         try:
             kvkernels.ragged_append(pool, layer, k_new, v_new)
         finally:
@@ -499,8 +510,10 @@ def test_compact_grids_fit_cuda_axis_limits(monkeypatch):
         assert all(g <= 65535 for g in grid[1:]), f"{name}: grid {grid} exceeds 65535 on axis 1 or 2"
 
 
-def test_cpu_native_append_rejects_segments_outside_the_pool():
-    """A table whose segment reaches past the pool is an error, not a write past the end; nothing is written."""
+@pytest.mark.parametrize("checks", ["cxx", "python"])
+def test_cpu_native_append_rejects_segments_outside_the_pool(checks):
+    """A table whose segment reaches past the pool is an error, not a write past the end; nothing is written
+    (the kernel called through the C++ bindings and through ctypes)."""
     from kvkernels.cpu import native
 
     if not native.compiler_available():
@@ -509,7 +522,7 @@ def test_cpu_native_append_rejects_segments_outside_the_pool():
     pool.seg_start[1, 0, 2] = pool.k_pool.shape[0] - 2  # room for 4 more rows by its seg_cap, 2 in the pool
     before = [t.clone() for t in pool]
     rows = new_rows(1, 3, 1, 64, torch.float32, "cpu")
-    with native.forced(True), pytest.raises(RuntimeError, match="layer 1 lies outside the pool"):
+    with native.forced(True, checks=checks == "cxx"), pytest.raises(RuntimeError, match="layer 1 lies outside"):
         run_append("cpu", pool, 1, rows, rows)
     for got, was in zip(pool, before):
         torch.testing.assert_close(got, was, rtol=0, atol=0, equal_nan=True)

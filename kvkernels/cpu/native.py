@@ -21,10 +21,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import importlib.util
 import os
 import platform
 import shutil
 import subprocess
+import sysconfig
 import tempfile
 import threading
 import warnings
@@ -36,6 +38,7 @@ import torch
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = tuple(CSRC / name for name in ("decode.cpp", "kvzip_score.cpp", "attention.cpp"))
 HEADERS = (CSRC / "vec.h",)
+BINDINGS = CSRC / "bindings.cpp"  # a CPython extension module, built separately (it needs PyTorch's headers)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
 _lock = threading.Lock()
@@ -54,19 +57,22 @@ def _compiler() -> Optional[str]:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
-def _build(cxx: str, flags: tuple[str, ...]) -> Path:
-    """Compile the sources into the cache (atomically: a concurrent build writes its own file, then renames)."""
-    sources = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
-    key = hashlib.sha256(sources + " ".join((cxx, *flags, platform.machine(), platform.node())).encode())
+def _build(cxx: str, flags: tuple[str, ...], sources: tuple[Path, ...] = SOURCES, headers: tuple[Path, ...] = HEADERS,
+           stem: str = "kernels", libs: tuple[str, ...] = (), suffix: str = ".so", key_extra: str = "") -> Path:
+    """Compile ``sources`` into the cache (atomically: a concurrent build writes its own file, then renames);
+    ``libs`` go after the sources on the command line (link order)."""
+    text = b"".join(path.read_bytes() for path in sources + headers)
+    words = (cxx, *flags, *libs, platform.machine(), platform.node(), key_extra)
+    key = hashlib.sha256(text + " ".join(words).encode())
     out_dir = _cache_dir() / "native"
-    lib = out_dir / f"kernels-{key.hexdigest()[:16]}.so"
+    lib = out_dir / f"{stem}-{key.hexdigest()[:16]}{suffix}"
     if lib.exists():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        result = subprocess.run([cxx, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True,
+        result = subprocess.run([cxx, *flags, *map(str, sources), "-o", tmp, *libs], capture_output=True, text=True,
                                 timeout=300)
         if result.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {result.stderr.strip()[-2000:]}")
@@ -138,10 +144,58 @@ def library() -> Optional[ctypes.CDLL]:
         return lib
 
 
-def status() -> str:
-    """One line: whether the compiled kernels run, and why (builds them if not built yet)."""
+def _bindings_build_args() -> tuple[tuple[str, ...], tuple[str, ...], str]:
+    """(compile flags, libraries, extra cache key) of the bindings: the installed PyTorch's headers and
+    libraries, this Python's headers, the C++ ABI PyTorch was built with."""
+    root = Path(torch.__file__).parent
+    include, lib = root / "include", root / "lib"
+    flags = ("-O2", "-shared", "-fPIC", "-std=c++20", "-w", f"-I{include}", f"-I{include / 'torch/csrc/api/include'}",
+             f"-I{sysconfig.get_paths()['include']}",
+             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}")
+    libs = (f"-L{lib}", "-ltorch_python", "-ltorch", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}")
+    return flags, libs, f"torch {torch.__version__} {sysconfig.get_config_var('EXT_SUFFIX')}"
+
+
+def _load_bindings(cxx: str, lib: ctypes.CDLL):
+    flags, libs, key = _bindings_build_args()
+    path = _build(cxx, flags, (BINDINGS,), (), "bindings", libs, sysconfig.get_config_var("EXT_SUFFIX") or ".so",
+                  key)
+    spec = importlib.util.spec_from_file_location("kvk_bindings", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.set_append_kernel(ctypes.cast(lib.kvk_ragged_append, ctypes.c_void_p).value)
+    return module
+
+
+def bindings():
+    """The C++ argument checks and append call (``csrc/bindings.cpp``, built on first call against the installed
+    PyTorch), or None: compiled kernels off, or the build failed (e.g. no Python headers); the Python checks
+    then run, with the same results at a higher cost per call. Never warns (only the cost differs)."""
+    state = _state
+    if "bindings" in state:
+        return state["bindings"]
     lib = library()
-    return ("compiled kernels: " + ("on, " if lib is not None else "off, ") + _state["why"])
+    with _lock:
+        if "bindings" in state:
+            return state["bindings"]
+        module, why = None, "compiled kernels off"
+        if lib is not None:
+            cxx = _compiler()
+            try:
+                module = _load_bindings(cxx, lib)
+                why = f"built with {cxx} against torch {torch.__version__}"
+            except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as exc:
+                why = f"build failed: {str(exc)[-300:]}"
+        state["bindings"], state["bindings_why"] = module, why
+        return module
+
+
+def status() -> str:
+    """One line: whether the compiled kernels and the C++ argument checks run, and why (builds them if not built
+    yet)."""
+    lib, checks = library(), bindings()
+    return ("compiled kernels: " + ("on, " if lib is not None else "off, ") + _state["why"] + "; C++ argument checks: "
+            + ("on" if checks is not None else "off, " + _state["bindings_why"]))
 
 
 def reset() -> None:
@@ -155,9 +209,10 @@ def compiler_available() -> bool:
 
 
 @contextlib.contextmanager
-def forced(on: bool) -> Iterator[None]:
+def forced(on: bool, checks: bool = True) -> Iterator[None]:
     """Within the block the compiled kernels are on (built if needed, whatever KVKERNELS_NATIVE says; raises
-    if they cannot be built) or off (the eager path). For tests and comparisons."""
+    if they cannot be built) or off (the eager path); with ``checks=False`` the C++ argument checks are off
+    (the Python checks and ctypes calls run). For tests and comparisons."""
     with _lock:
         saved = dict(_state)
     try:
@@ -166,8 +221,12 @@ def forced(on: bool) -> Iterator[None]:
             if cxx is None:
                 raise RuntimeError("kvkernels: no C++ compiler found to build the compiled kernels")
             new = {"lib": _load(cxx), "why": f"forced on, built with {cxx}"}
+            if checks:
+                new.update(bindings=_load_bindings(cxx, new["lib"]), bindings_why="forced on")
         else:
             new = {"lib": None, "why": "forced off"}
+        if not checks or not on:
+            new.update(bindings=None, bindings_why="forced off")
         with _lock:
             _state.clear()
             _state.update(new)
