@@ -226,9 +226,9 @@ def _attention_ok(q, k_pool, v_pool, seg_start, seg_len) -> bool:
 
 
 # The ops' fast paths (kvkernels.ops.KernelOp): the predicates above, plus the schema types of the arguments
-# they leave out, so that True means the dispatcher and every check would accept the call as it is. The two
-# that run once per layer per decoded token have C++ twins (kvkernels/cpu/csrc/bindings.cpp, same results,
-# ~0.3 us instead of ~5 us) that run whenever the cpu backend's compiled kernels are available.
+# they leave out, so that True means the dispatcher and every check would accept the call as it is. Each has a
+# C++ twin (kvkernels/cpu/csrc/bindings.cpp, same results, ~0.3 us instead of ~5-10 us) that runs whenever the
+# cpu backend's compiled kernels are available.
 def _scale_arg_ok(sm_scale) -> bool:
     return sm_scale is None or type(sm_scale) is float
 
@@ -255,16 +255,22 @@ def ragged_attention_accepts(q, k_pool, v_pool, seg_start, seg_len, sm_scale=Non
 def quant_pool_append_accepts(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len,
                               q_cap, t_head, seg_len, seg_cap, layer, k_new, v_new, bits, group_size, residual,
                               flush_after=False) -> bool:
-    return type(flush_after) is bool and _quant_append_ok(
-        k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, q_cap, t_head, seg_len,
-        seg_cap, layer, k_new, v_new, bits, group_size, residual)
+    args = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, q_cap, t_head, seg_len,
+            seg_cap, layer, k_new, v_new, bits, group_size, residual)
+    cxx = _cxx_checks()
+    if cxx is not None:
+        return cxx.quant_pool_append_accepts(*args, flush_after)
+    return type(flush_after) is bool and _quant_append_ok(*args)
 
 
 def quant_pool_attention_accepts(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start,
                                  q_len, t_head, seg_len, bits, group_size, sm_scale=None, return_lse=False) -> bool:
-    return _scale_arg_ok(sm_scale) and type(return_lse) is bool and _quant_attention_ok(
-        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, t_head, seg_len, bits,
-        group_size)
+    args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, t_head, seg_len,
+            bits, group_size)
+    cxx = _cxx_checks()
+    if cxx is not None:
+        return cxx.quant_pool_attention_accepts(*args, sm_scale, return_lse)
+    return _scale_arg_ok(sm_scale) and type(return_lse) is bool and _quant_attention_ok(*args)
 
 def check_ragged_append(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new):
     if _append_ok(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new):

@@ -399,11 +399,12 @@ def _more_variants(arg):
     yield [arg]
 
 
-@pytest.mark.parametrize("case", range(2), ids=["ragged_append", "ragged_attention"])
+@pytest.mark.parametrize("case", range(4), ids=["ragged_append", "ragged_attention", "quant_pool_append",
+                                                "quant_pool_attention"])
 def test_cxx_checks_equal_the_python_checks(case):
     """The C++ twins of the decode path's fast checks (cpu/csrc/bindings.cpp) return what the Python ones
     return, on valid input and on every variant of one argument (dtype, shape, device, range, Python type),
-    and on the trailing schema arguments the fast path also checks (sm_scale, return_lse)."""
+    including the trailing schema arguments the fast path also checks (sm_scale, return_lse, flush_after)."""
     from kvkernels import _validate as V
     from kvkernels.cpu import native
 
@@ -411,22 +412,29 @@ def test_cxx_checks_equal_the_python_checks(case):
     if cxx is None:
         pytest.skip(f"no C++ checks here: {native.status()}")
     _, _, args = list(_fast_check_cases())[case]
+    n = len(args)
     if case == 0:
-        python, compiled = V._append_ok, cxx.ragged_append_accepts
-    else:
+        python, compiled, trailing = V._append_ok, cxx.ragged_append_accepts, ()
+    elif case == 1:
         python = lambda *a: V._scale_arg_ok(a[5]) and type(a[6]) is bool and V._attention_ok(*a[:5])  # noqa: E731
-        compiled = cxx.ragged_attention_accepts
-        args = (*args, None, False)
+        compiled, trailing = cxx.ragged_attention_accepts, (None, False)
+    elif case == 2:
+        python = lambda *a: type(a[20]) is bool and V._quant_append_ok(*a[:20])  # noqa: E731
+        compiled, trailing = cxx.quant_pool_append_accepts, (False,)
+    else:
+        python = lambda *a: V._scale_arg_ok(a[15]) and type(a[16]) is bool and V._quant_attention_ok(*a[:15])  # noqa
+        compiled, trailing = cxx.quant_pool_attention_accepts, (None, False)
+    args = (*args, *trailing)
     variants = [args]
-    for i, arg in enumerate(args):
+    for i, arg in enumerate(args[:n]):
         bad = list(_mutations(arg)) + list(_more_variants(arg))
         variants += [(*args[:i], b, *args[i + 1:]) for b in bad]
-    if case == 1:
-        variants += [(*args[:5], s, lse) for s in (0.5, 1, "x", float("nan")) for lse in (True, 1, None)]
+    for i in range(n, len(args)):
+        variants += [(*args[:i], b, *args[i + 1:]) for b in (0.5, 1, "x", float("nan"), True, 1, None)]
     assert compiled(*args)
     mismatches = [i for i, v in enumerate(variants) if bool(compiled(*v)) != bool(python(*v))]
     assert not mismatches, f"C++ and Python checks differ on variants {mismatches}"
-    assert sum(not python(*v) for v in variants) >= len(args), "too few invalid variants to test anything"
+    assert sum(not python(*v) for v in variants) >= n, "too few invalid variants to test anything"
 
 
 def test_cpu_compiled_kernels_fall_back_with_a_warning(monkeypatch, tmp_path):

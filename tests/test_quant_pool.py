@@ -19,11 +19,11 @@ triton = pytest.importorskip("triton")
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-BACKENDS = ["reference", "cpu", "cpu-eager", "triton"]
+BACKENDS = ["reference", "cpu", "cpu-ctypes", "cpu-eager", "triton"]
 
 
 def backend_ok(backend, dtype):
-    if backend in ("cpu", "cpu-eager") and CUDA:
+    if backend.startswith("cpu") and CUDA:
         return False
     return not (backend == "triton" and dtype == torch.bfloat16 and not CUDA)  # interpreter bf16 is wrong
 
@@ -58,12 +58,16 @@ def build(backend, keys, values, keep, bits=2, group_size=32, residual=8, slack=
 
 def running(backend):
     """use_backend(backend); "cpu-eager" is the cpu backend with its compiled kernels (kvkernels/cpu/native:
-    fp32 decode attention, appends that flush nothing) forced off: the path without a C++ compiler."""
+    fp32 decode attention, appends) forced off: the path without a C++ compiler; "cpu-ctypes" calls them
+    through ctypes (the C++ bindings not built: no Python headers)."""
     from kvkernels.cpu import native
 
     stack = contextlib.ExitStack()
     if backend == "cpu-eager":
         stack.enter_context(native.forced(False))
+        backend = "cpu"
+    elif backend == "cpu-ctypes":
+        stack.enter_context(native.forced(True, checks=False))
         backend = "cpu"
     stack.enter_context(kvkernels.use_backend(backend))
     return stack
@@ -71,7 +75,7 @@ def running(backend):
 
 def builder(backend):
     """The backend that builds a pool for ``backend`` (the cpu backends build with the reference)."""
-    return "reference" if backend in ("cpu", "cpu-eager") else backend
+    return "reference" if backend.startswith("cpu") else backend
 
 
 def append(backend, pool, layer, k, v, flush_after=False):
@@ -82,7 +86,7 @@ def append(backend, pool, layer, k, v, flush_after=False):
 def attend(backend, q, pool, layer, lse=True):
     with running(backend):
         out = kvkernels.quant_pool_attention(q, pool, layer, return_lse=lse)
-        assert kvkernels.last_choice() == ("quant_pool_attention", "cpu" if backend == "cpu-eager" else backend)
+        assert kvkernels.last_choice() == ("quant_pool_attention", "cpu" if backend.startswith("cpu") else backend)
     return out
 
 

@@ -257,12 +257,18 @@ def test_cpu_fp32_decode_never_calls_the_fused_kernel(monkeypatch, return_lse):
 
 
 def native_modes():
-    """The cpu backend's two fp32 decode paths: the compiled kernel (kvkernels/cpu/native) and eager PyTorch."""
+    """The cpu backend's three fp32 decode paths: the compiled kernel called through the C++ bindings, the same
+    kernel through ctypes (the bindings not built), and eager PyTorch (no compiler)."""
     from kvkernels.cpu import native
 
-    return [pytest.param(True, id="native", marks=pytest.mark.skipif(
-                not native.compiler_available(), reason="no C++ compiler to build the compiled kernels")),
-            pytest.param(False, id="eager")]
+    no_compiler = pytest.mark.skipif(not native.compiler_available(), reason="no C++ compiler to build the kernels")
+    return [pytest.param("native", marks=no_compiler), pytest.param("ctypes", marks=no_compiler), "eager"]
+
+
+def native_path(mode):
+    from kvkernels.cpu import native
+
+    return native.forced(mode != "eager", checks=mode == "native")
 
 
 @pytest.mark.parametrize("native_on", native_modes())
@@ -281,7 +287,7 @@ def test_cpu_fp32_decode_paths_match_reference(monkeypatch, native_on, G, D):
         owned[st:st + n] = True
     k_pool[~owned] = float("nan")
     v_pool[~owned] = float("nan")
-    with native.forced(native_on):
+    with native_path(native_on):
         poison_empty(monkeypatch)
         o, lse = run_backend("cpu", q, k_pool, v_pool, seg_start, seg_len, 0.125, True)
         o_only, no_lse = run_backend("cpu", q, k_pool, v_pool, seg_start, seg_len, 0.125, False)

@@ -163,7 +163,8 @@ def _load_bindings(cxx: str, lib: ctypes.CDLL):
     spec = importlib.util.spec_from_file_location("kvk_bindings", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.set_append_kernel(ctypes.cast(lib.kvk_ragged_append, ctypes.c_void_p).value)
+    kernels = (lib.kvk_ragged_append, lib.kvk_ragged_decode_f32, lib.kvk_quant_decode_f32, lib.kvk_quant_append)
+    module.set_kernels(*(ctypes.cast(k, ctypes.c_void_p).value for k in kernels))
     return module
 
 
@@ -245,6 +246,23 @@ def ragged_decode(lib, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tens
                   seg_len: torch.Tensor, sm_scale: float, return_lse: bool):
     """(o [B, Hq, 1, D], lse fp32 [B, Hq, 1] or None) of fp32 q [B, Hq, 1, D] over each KV head's segment of
     the pool (k_pool/v_pool fp32 [N, D] with channel stride 1; seg_start int64 / seg_len int32 [B, Hkv])."""
+    cxx = bindings()
+    if cxx is not None:
+        code, o, lse = cxx.ragged_decode(q, k_pool, v_pool, seg_start, seg_len, sm_scale, return_lse)
+    else:
+        code, o, lse = _ragged_decode_ctypes(lib, q, k_pool, v_pool, seg_start, seg_len, sm_scale, return_lse)
+    D = q.shape[3]
+    if code < 0:
+        raise ValueError(f"kvkernels.ragged_attention: no compiled decode kernel for head dim {D}")
+    if code:
+        s = code - 1
+        start, n = int(seg_start.reshape(-1)[s]), int(seg_len.reshape(-1)[s])
+        raise SegmentTableError(f"kvkernels.ragged_attention: segment {s} (start {start}, length {n}) lies outside "
+                                f"the pool's {k_pool.shape[0]} rows")
+    return o, lse
+
+
+def _ragged_decode_ctypes(lib, q, k_pool, v_pool, seg_start, seg_len, sm_scale, return_lse):
     B, Hq, _, D = q.shape
     S = seg_start.numel()
     # Views and copies only where needed: this runs once per layer and token, its fixed cost is the point.
@@ -257,14 +275,7 @@ def ragged_decode(lib, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tens
                                      k_pool.stride(0), v_pool.stride(0), starts.data_ptr(), lens.data_ptr(), S,
                                      Hq * B // S, D, sm_scale, o.data_ptr(), lse.data_ptr() if return_lse else None,
                                      torch.get_num_threads())
-    if code < 0:
-        raise ValueError(f"kvkernels.ragged_attention: no compiled decode kernel for head dim {D}")
-    if code:
-        s = code - 1
-        start, n = int(starts.view(-1)[s]), int(lens.view(-1)[s])
-        raise SegmentTableError(f"kvkernels.ragged_attention: segment {s} (start {start}, length {n}) lies outside "
-                                f"the pool's {k_pool.shape[0]} rows")
-    return o, lse
+    return code, o, lse
 
 
 def quant_decode(lib, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, t_head,
@@ -272,30 +283,38 @@ def quant_decode(lib, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_t
     """(o [B, Hq, 1, D], lse fp32 [B, Hq, 1] or None) of fp32 q [B, Hq, 1, D] over each segment of one layer
     of the quantized pool (buffers in the layouts of ``kvkernels.reference.quant_pool``; the layer's rings
     k_tail/v_tail [B, H, TC, D] and tables [B, H]); tensors that are not contiguous are copied first."""
-    B, Hq, _, D = q.shape
-    _, H, TC, _ = k_tail.shape
-    S = B * H
+    args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, t_head, seg_len)
     Q = _quantized_rows(k_codes, k_scale, v_codes, bits, group_size)
     if Q is None:
         raise ValueError("kvkernels.quant_pool_attention: the quantized buffers disagree on the row count")
-    tensors = [t if t.is_contiguous() else t.contiguous()
-               for t in (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len,
-                         t_head, seg_len)]
+    cxx = bindings()
+    if cxx is not None:
+        code, o, lse = cxx.quant_decode(*args, bits, group_size, sm_scale, return_lse)
+    else:
+        code, o, lse = _quant_decode_ctypes(lib, args, Q, bits, group_size, sm_scale, return_lse)
+    if code < 0:
+        raise ValueError(f"kvkernels.quant_pool_attention: no compiled decode kernel for head dim {q.shape[3]}")
+    if code:
+        s = code - 1
+        start, nq, head, n = (int(t.reshape(-1)[s]) for t in (q_start, q_len, t_head, seg_len))
+        raise SegmentTableError(
+            f"kvkernels.quant_pool_attention: segment {s}'s tables (q_start {start}, q_len {nq}, t_head {head}, "
+            f"seg_len {n}) point outside the pool's buffers ({Q} quantized rows, {k_tail.shape[2]} ring slots)")
+    return o, lse
+
+
+def _quant_decode_ctypes(lib, args, Q: int, bits: int, group_size: int, sm_scale: float, return_lse: bool):
+    q, k_tail = args[0], args[7]
+    B, Hq, _, D = q.shape
+    _, H, TC, _ = k_tail.shape
+    tensors = [t if t.is_contiguous() else t.contiguous() for t in args]
     o = torch.empty(B, Hq, 1, D)
     lse = torch.empty(B, Hq, 1) if return_lse else None
     code = lib.kvk_quant_decode_f32(*(t.data_ptr() for t in tensors[:9]), Q,
-                                    *(t.data_ptr() for t in tensors[9:]), S, Hq // H, D, TC, bits, group_size,
+                                    *(t.data_ptr() for t in tensors[9:]), B * H, Hq // H, D, TC, bits, group_size,
                                     sm_scale, o.data_ptr(), lse.data_ptr() if return_lse else None,
                                     torch.get_num_threads())
-    if code < 0:
-        raise ValueError(f"kvkernels.quant_pool_attention: no compiled decode kernel for head dim {D}")
-    if code:
-        s = code - 1
-        start, nq, head, n = (int(t.view(-1)[s]) for t in tensors[9:])
-        raise SegmentTableError(
-            f"kvkernels.quant_pool_attention: segment {s}'s tables (q_start {start}, q_len {nq}, t_head {head}, "
-            f"seg_len {n}) point outside the pool's buffers ({Q} quantized rows, {TC} ring slots)")
-    return o, lse
+    return code, o, lse
 
 
 def _quantized_rows(k_codes, k_scale, v_codes, bits: int, group_size: int) -> Optional[int]:
@@ -327,6 +346,9 @@ def quant_append(lib, bufs, layer: int, k_new: torch.Tensor, v_new: torch.Tensor
     full-precision window are quantized too when the rings and scales are fp32 and ``flush_after`` is false.
     True if done; False if the general path must run (nothing was written): a call that flushes otherwise,
     or rings or tables that are not contiguous."""
+    cxx = bindings()
+    if cxx is not None:
+        return cxx.quant_append(*bufs, layer, k_new, v_new, bits, group_size, residual, bool(flush_after))
     (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, q_cap, t_head, seg_len,
      seg_cap) = bufs
     if not all(x.is_contiguous() for x in (k_tail, v_tail, q_start, q_len, q_cap, t_head, seg_len, seg_cap)):
