@@ -225,52 +225,71 @@ def _attention_ok(q, k_pool, v_pool, seg_start, seg_len) -> bool:
 
 
 
-# The ops' fast paths (kvkernels.ops.KernelOp): the predicates above, plus the schema types of the arguments
-# they leave out, so that True means the dispatcher and every check would accept the call as it is. Each has a
-# C++ twin (kvkernels/cpu/csrc/bindings.cpp, same results, ~0.3 us instead of ~5-10 us) that runs whenever the
-# cpu backend's compiled kernels are available.
+# The ops' fast paths (kvkernels.ops.KernelOp): True means the dispatcher would only run the op's function and
+# every check would pass: the predicates above, the schema types of the arguments they leave out, and no meta
+# tensor or tensor that requires grad. Each has a C++ twin (kvkernels/cpu/csrc/bindings.cpp, same results,
+# ~0.3 us instead of 5-15 us) that runs whenever the cpu backend's compiled kernels are available.
 def _scale_arg_ok(sm_scale) -> bool:
     return sm_scale is None or type(sm_scale) is float
+
+
+def needs_autograd(args) -> bool:
+    """Grad mode is on and a (plain) tensor among ``args`` requires grad."""
+    if torch.is_grad_enabled():
+        for a in args:
+            if type(a) is _T and a.requires_grad:
+                return True
+    return False
+
+
+def meta_or_autograd(args) -> bool:
+    """For arguments a fast check accepted (all tensors on args[0]'s device): meta tensors (the dispatcher runs
+    the fake kernel for them) or a tensor that requires grad."""
+    return args[0].is_meta or needs_autograd(args)
 
 
 def _cxx_checks():
     return _native.bindings()  # built at the first call (with the compiled kernels); None without them
 
 
-def ragged_append_accepts(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new) -> bool:
+def ragged_append_accepts(*args) -> bool:
+    """(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new)"""
     cxx = _cxx_checks()
     if cxx is not None:
-        return cxx.ragged_append_accepts(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new)
-    return _append_ok(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new)
+        return cxx.ragged_append_accepts(*args)
+    return len(args) == 8 and _append_ok(*args) and not meta_or_autograd(args)
 
 
-def ragged_attention_accepts(q, k_pool, v_pool, seg_start, seg_len, sm_scale=None, return_lse=False) -> bool:
+def ragged_attention_accepts(*args) -> bool:
+    """(q, k_pool, v_pool, seg_start, seg_len, sm_scale=None, return_lse=False)"""
     cxx = _cxx_checks()
     if cxx is not None:
-        return cxx.ragged_attention_accepts(q, k_pool, v_pool, seg_start, seg_len, sm_scale, return_lse)
-    return (_scale_arg_ok(sm_scale) and type(return_lse) is bool
-            and _attention_ok(q, k_pool, v_pool, seg_start, seg_len))
+        return cxx.ragged_attention_accepts(*args)
+    sm_scale, return_lse = (*args[5:], None, False)[:2]
+    return (5 <= len(args) <= 7 and _scale_arg_ok(sm_scale) and type(return_lse) is bool
+            and _attention_ok(*args[:5]) and not meta_or_autograd(args))
 
 
-def quant_pool_append_accepts(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len,
-                              q_cap, t_head, seg_len, seg_cap, layer, k_new, v_new, bits, group_size, residual,
-                              flush_after=False) -> bool:
-    args = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, q_cap, t_head, seg_len,
-            seg_cap, layer, k_new, v_new, bits, group_size, residual)
+def quant_pool_append_accepts(*args) -> bool:
+    """(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, q_cap, t_head, seg_len,
+    seg_cap, layer, k_new, v_new, bits, group_size, residual, flush_after=False)"""
     cxx = _cxx_checks()
     if cxx is not None:
-        return cxx.quant_pool_append_accepts(*args, flush_after)
-    return type(flush_after) is bool and _quant_append_ok(*args)
+        return cxx.quant_pool_append_accepts(*args)
+    flush_after = args[20] if len(args) == 21 else False
+    return (20 <= len(args) <= 21 and type(flush_after) is bool and _quant_append_ok(*args[:20])
+            and not meta_or_autograd(args))
 
 
-def quant_pool_attention_accepts(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start,
-                                 q_len, t_head, seg_len, bits, group_size, sm_scale=None, return_lse=False) -> bool:
-    args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, t_head, seg_len,
-            bits, group_size)
+def quant_pool_attention_accepts(*args) -> bool:
+    """(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, t_head, seg_len, bits,
+    group_size, sm_scale=None, return_lse=False)"""
     cxx = _cxx_checks()
     if cxx is not None:
-        return cxx.quant_pool_attention_accepts(*args, sm_scale, return_lse)
-    return _scale_arg_ok(sm_scale) and type(return_lse) is bool and _quant_attention_ok(*args)
+        return cxx.quant_pool_attention_accepts(*args)
+    sm_scale, return_lse = (*args[15:], None, False)[:2]
+    return (15 <= len(args) <= 17 and _scale_arg_ok(sm_scale) and type(return_lse) is bool
+            and _quant_attention_ok(*args[:15]) and not meta_or_autograd(args))
 
 def check_ragged_append(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new):
     if _append_ok(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new):

@@ -43,10 +43,11 @@ class KernelOp:
     """``torch.ops.kvkernels.<name>`` defined from an annotated Python function (see the module docstring).
 
     ``fast_path=(accepts, run)``, for the ops a decode step calls once per layer: ``accepts(*args)`` is True only
-    when every argument has its schema type, every tensor is a plain tensor on the first argument's device and
-    the op's checks would pass; ``run(*args)`` is the op without its checks. A positional call that passes
-    ``accepts`` in plain eager mode then costs one predicate and the kernel; anything else (keywords, invalid
-    input, meta tensors, subclasses, modes, autograd) goes through the dispatcher and the op's own checks.
+    when every argument has its schema type, every tensor is a plain, non-meta tensor on the first argument's
+    device, none requires grad (in grad mode) and the op's checks would pass; ``run(*args)`` is the op without
+    its checks. A positional call that ``accepts`` takes in plain eager mode then costs one predicate and the
+    kernel; invalid input, meta tensors, subclasses, modes and autograd go through the dispatcher and the op's
+    own checks; keyword calls take the general direct path below.
     """
 
     def __init__(self, fn: Callable, name: str, mutates_args: Iterable[str],
@@ -69,7 +70,7 @@ class KernelOp:
     def __call__(self, *args, **kwargs):
         if self._fast_path is not None and not kwargs:
             accepts, run = self._fast_path
-            if _eager_without_modes() and accepts(*args) and not _meta_or_autograd(args):
+            if _eager_without_modes() and accepts(*args):
                 return run(*args)
             return self._op(*args)
         if self._dispatcher_adds_nothing(args, kwargs):
@@ -88,22 +89,12 @@ class KernelOp:
             check = self._kwarg_checks.get(name)
             if check is None or not check(a):
                 return False
-        return not _needs_autograd((*args, *kwargs.values()))
+        return not V.needs_autograd((*args, *kwargs.values()))
 
 
 def _eager_without_modes() -> bool:
     return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
                 or torch._C._is_torch_function_mode_enabled())
-
-
-def _needs_autograd(args) -> bool:
-    return torch.is_grad_enabled() and any(type(a) is torch.Tensor and a.requires_grad for a in args)
-
-
-def _meta_or_autograd(args) -> bool:
-    """For arguments a fast path accepted (all tensors on args[0]'s device): meta tensors (the dispatcher runs
-    the fake kernel for them) or a tensor that requires grad."""
-    return args[0].is_meta or _needs_autograd(args)
 
 
 def _is_plain_tensor(a) -> bool:

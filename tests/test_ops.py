@@ -401,40 +401,42 @@ def _more_variants(arg):
 
 @pytest.mark.parametrize("case", range(4), ids=["ragged_append", "ragged_attention", "quant_pool_append",
                                                 "quant_pool_attention"])
-def test_cxx_checks_equal_the_python_checks(case):
-    """The C++ twins of the decode path's fast checks (cpu/csrc/bindings.cpp) return what the Python ones
-    return, on valid input and on every variant of one argument (dtype, shape, device, range, Python type),
-    including the trailing schema arguments the fast path also checks (sm_scale, return_lse, flush_after)."""
+def test_cxx_checks_equal_the_python_checks(case, monkeypatch):
+    """The fast paths' checks in C++ (cpu/csrc/bindings.cpp) return what the Python ones return, on valid input
+    and on every variant of one argument (dtype, shape, device, range, Python type, requires_grad), on all-meta
+    input, and on the trailing schema arguments (sm_scale, return_lse, flush_after)."""
     from kvkernels import _validate as V
     from kvkernels.cpu import native
 
-    cxx = native.bindings()
-    if cxx is None:
+    if native.bindings() is None:
         pytest.skip(f"no C++ checks here: {native.status()}")
+    name = ["ragged_append", "ragged_attention", "quant_pool_append", "quant_pool_attention"][case]
+    accepts = getattr(V, f"{name}_accepts")
     _, _, args = list(_fast_check_cases())[case]
     n = len(args)
-    if case == 0:
-        python, compiled, trailing = V._append_ok, cxx.ragged_append_accepts, ()
-    elif case == 1:
-        python = lambda *a: V._scale_arg_ok(a[5]) and type(a[6]) is bool and V._attention_ok(*a[:5])  # noqa: E731
-        compiled, trailing = cxx.ragged_attention_accepts, (None, False)
-    elif case == 2:
-        python = lambda *a: type(a[20]) is bool and V._quant_append_ok(*a[:20])  # noqa: E731
-        compiled, trailing = cxx.quant_pool_append_accepts, (False,)
-    else:
-        python = lambda *a: V._scale_arg_ok(a[15]) and type(a[16]) is bool and V._quant_attention_ok(*a[:15])  # noqa
-        compiled, trailing = cxx.quant_pool_attention_accepts, (None, False)
-    args = (*args, *trailing)
-    variants = [args]
+    args = (*args, *[(), (None, False), (False,), (None, False)][case])
+    variants = [args, tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)]
     for i, arg in enumerate(args[:n]):
         bad = list(_mutations(arg)) + list(_more_variants(arg))
+        if isinstance(arg, torch.Tensor) and arg.is_floating_point():
+            bad.append(arg.detach().clone().requires_grad_())
         variants += [(*args[:i], b, *args[i + 1:]) for b in bad]
     for i in range(n, len(args)):
         variants += [(*args[:i], b, *args[i + 1:]) for b in (0.5, 1, "x", float("nan"), True, 1, None)]
-    assert compiled(*args)
-    mismatches = [i for i, v in enumerate(variants) if bool(compiled(*v)) != bool(python(*v))]
+    variants += [args[:n - 1], (*args, False, False)]  # an argument missing, one too many
+    grad = [v for v in variants if any(isinstance(a, torch.Tensor) and a.requires_grad for a in v)]
+    compiled = [accepts(*v) for v in variants]
+    with torch.no_grad():  # outside grad mode, requires_grad does not matter
+        compiled_no_grad = [accepts(*v) for v in grad]
+    monkeypatch.setattr(V, "_cxx_checks", lambda: None)
+    python = [accepts(*v) for v in variants]
+    with torch.no_grad():
+        python_no_grad = [accepts(*v) for v in grad]
+    assert grad and all(compiled_no_grad) and all(python_no_grad)
+    assert compiled[0] and python[0]
+    mismatches = [i for i, (c, p) in enumerate(zip(compiled, python)) if c != p]
     assert not mismatches, f"C++ and Python checks differ on variants {mismatches}"
-    assert sum(not python(*v) for v in variants) >= n, "too few invalid variants to test anything"
+    assert python.count(False) >= n, "too few invalid variants to test anything"
 
 
 def test_cpu_compiled_kernels_fall_back_with_a_warning(monkeypatch, tmp_path):

@@ -18,6 +18,7 @@
 #include <utility>
 
 #include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/ops/empty.h>
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -207,6 +208,16 @@ bool scale_and_lse_ok(PyObject* const* args, Py_ssize_t n, Py_ssize_t first) {
   return scale_ok && (n <= first + 1 || PyBool_Check(args[first + 1]));
 }
 
+// _validate.meta_or_autograd, for arguments an *_ok check accepted (args[0] a tensor on every tensor's device):
+// meta tensors (the dispatcher runs the fake kernel for them) or, with grad mode on, a tensor that requires grad.
+bool meta_or_autograd(PyObject* const* args, Py_ssize_t n) {
+  if (unpack(args[0]).is_meta()) return true;
+  if (!at::GradMode::is_enabled()) return false;
+  for (Py_ssize_t i = 0; i < n; ++i)
+    if (plain_tensor(args[i]) && unpack(args[i]).requires_grad()) return true;
+  return false;
+}
+
 PyObject* as_bool(bool b) {
   if (b) Py_RETURN_TRUE;
   Py_RETURN_FALSE;
@@ -220,14 +231,14 @@ bool arg_count(const char* name, Py_ssize_t n, Py_ssize_t lo, Py_ssize_t hi) {
 
 // ragged_append_accepts(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new) -> bool
 PyObject* ragged_append_accepts(PyObject*, PyObject* const* args, Py_ssize_t n) {
-  if (!arg_count("ragged_append_accepts", n, 8, 8)) return nullptr;
-  return as_bool(append_ok(args));
+  if (n < 8 || n > 8) Py_RETURN_FALSE;  // the dispatcher raises its schema error
+  return as_bool(append_ok(args) && !meta_or_autograd(args, n));
 }
 
 // ragged_attention_accepts(q, k_pool, v_pool, seg_start, seg_len, sm_scale=None, return_lse=False) -> bool
 PyObject* ragged_attention_accepts(PyObject*, PyObject* const* args, Py_ssize_t n) {
-  if (!arg_count("ragged_attention_accepts", n, 5, 7)) return nullptr;
-  return as_bool(scale_and_lse_ok(args, n, 5) && attention_ok(args));
+  if (n < 5 || n > 7) Py_RETURN_FALSE;  // the dispatcher raises its schema error
+  return as_bool(scale_and_lse_ok(args, n, 5) && attention_ok(args) && !meta_or_autograd(args, n));
 }
 
 // ragged_append(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new) -> int, on arguments that
@@ -257,14 +268,14 @@ PyObject* ragged_append(PyObject*, PyObject* const* args, Py_ssize_t n) {
 
 // quant_pool_append_accepts(k_codes, ..., residual, flush_after=False) -> bool
 PyObject* quant_pool_append_accepts(PyObject*, PyObject* const* args, Py_ssize_t n) {
-  if (!arg_count("quant_pool_append_accepts", n, 20, 21)) return nullptr;
-  return as_bool((n < 21 || PyBool_Check(args[20])) && quant_append_ok(args));
+  if (n < 20 || n > 21) Py_RETURN_FALSE;  // the dispatcher raises its schema error
+  return as_bool((n < 21 || PyBool_Check(args[20])) && quant_append_ok(args) && !meta_or_autograd(args, n));
 }
 
 // quant_pool_attention_accepts(q, ..., bits, group_size, sm_scale=None, return_lse=False) -> bool
 PyObject* quant_pool_attention_accepts(PyObject*, PyObject* const* args, Py_ssize_t n) {
-  if (!arg_count("quant_pool_attention_accepts", n, 15, 17)) return nullptr;
-  return as_bool(scale_and_lse_ok(args, n, 15) && quant_attention_ok(args));
+  if (n < 15 || n > 17) Py_RETURN_FALSE;  // the dispatcher raises its schema error
+  return as_bool(scale_and_lse_ok(args, n, 15) && quant_attention_ok(args) && !meta_or_autograd(args, n));
 }
 
 PyObject* not_the_kernels_case(const char* name) {
