@@ -233,6 +233,12 @@ def _scale_arg_ok(sm_scale) -> bool:
     return sm_scale is None or type(sm_scale) is float
 
 
+def _scale_and_lse_ok(args, first: int) -> bool:
+    """args[first:] are the optional (sm_scale, return_lse) of an attention op, with their schema types."""
+    sm_scale, return_lse = (*args[first:], None, False)[:2]
+    return first <= len(args) <= first + 2 and _scale_arg_ok(sm_scale) and type(return_lse) is bool
+
+
 def needs_autograd(args) -> bool:
     """Grad mode is on and a (plain) tensor among ``args`` requires grad."""
     if torch.is_grad_enabled():
@@ -265,9 +271,7 @@ def ragged_attention_accepts(*args) -> bool:
     cxx = _cxx_checks()
     if cxx is not None:
         return cxx.ragged_attention_accepts(*args)
-    sm_scale, return_lse = (*args[5:], None, False)[:2]
-    return (5 <= len(args) <= 7 and _scale_arg_ok(sm_scale) and type(return_lse) is bool
-            and _attention_ok(*args[:5]) and not meta_or_autograd(args))
+    return _scale_and_lse_ok(args, 5) and _attention_ok(*args[:5]) and not meta_or_autograd(args)
 
 
 def quant_pool_append_accepts(*args) -> bool:
@@ -287,9 +291,7 @@ def quant_pool_attention_accepts(*args) -> bool:
     cxx = _cxx_checks()
     if cxx is not None:
         return cxx.quant_pool_attention_accepts(*args)
-    sm_scale, return_lse = (*args[15:], None, False)[:2]
-    return (15 <= len(args) <= 17 and _scale_arg_ok(sm_scale) and type(return_lse) is bool
-            and _quant_attention_ok(*args[:15]) and not meta_or_autograd(args))
+    return _scale_and_lse_ok(args, 15) and _quant_attention_ok(*args[:15]) and not meta_or_autograd(args)
 
 def check_ragged_append(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new):
     if _append_ok(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new):

@@ -18,7 +18,9 @@ that requires grad) calling an op through ``kvkernels.<op>`` skips the dispatche
 function directly: the dispatcher would do nothing else, and its round trip into Python costs about as
 much as a small kernel (~50 us per call on a CPU core, 60 op calls per decoded token). Everything else
 (``torch.ops.kvkernels.<op>``, opcheck, torch.compile, export, FakeTensor, autograd) goes through the
-dispatcher as before.
+dispatcher as before. The four ops a decode step calls per layer take a shorter road still (``fast_path``
+in :class:`KernelOp`): one accept check that stands for the dispatcher's conditions and the op's checks
+together (in C++ when the cpu backend's bindings are built), then the op without its checks.
 
 The ops are not differentiable: a backward through one warns (autograd's not-implemented fallback)
 rather than erroring as ``custom_op`` does.
