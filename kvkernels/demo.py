@@ -155,11 +155,11 @@ def run_demo(people: int = 16, keep: float = 0.3, questions: int = 4, max_new_to
     else:
         from kvkernels.cpu import native
 
-        # Built here (once per machine: seconds for the kernels, ~20 s for the checks), not in a timed step.
+        # Built here (once per machine: seconds for the kernels, ~20 s for the bindings), not in a timed step.
         on, checks = native.library() is not None, native.bindings() is not None
         backend = "cpu kernels, " + ("compiled kernels" if on else "no compiled kernels (see README, Backends): "
                                      "the decode step and KVzip scoring run PyTorch ops")
-        backend += ", C++ argument checks" if checks else ""
+        backend += ", C++ bindings" if checks else ""
     print(f"model loaded in {time.perf_counter() - t0:.1f} s on {model.device} ({model.dtype}); "
           f"kvkernels backend: {backend}", file=out)
 

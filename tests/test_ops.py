@@ -464,7 +464,7 @@ def test_cpu_compiled_kernels_fall_back_with_a_warning(monkeypatch, tmp_path):
             warnings.simplefilter("error")
             assert native.library() is None
         assert native.status() == ("compiled kernels: off, turned off by KVKERNELS_NATIVE=0; "
-                                   "C++ argument checks: off, compiled kernels off")
+                                   "C++ bindings: off, compiled kernels off")
     finally:
         native.reset()
 

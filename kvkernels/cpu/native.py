@@ -199,10 +199,10 @@ def bindings():
 
 
 def status() -> str:
-    """One line: whether the compiled kernels and the C++ argument checks run, and why (builds them if not built
+    """One line: whether the compiled kernels and their C++ bindings run, and why (builds them if not built
     yet)."""
     lib, checks = library(), bindings()
-    return ("compiled kernels: " + ("on, " if lib is not None else "off, ") + _state["why"] + "; C++ argument checks: "
+    return ("compiled kernels: " + ("on, " if lib is not None else "off, ") + _state["why"] + "; C++ bindings: "
             + ("on" if checks is not None else "off, " + _state["bindings_why"]))
 
 
@@ -219,7 +219,7 @@ def compiler_available() -> bool:
 @contextlib.contextmanager
 def forced(on: bool, checks: bool = True) -> Iterator[None]:
     """Within the block the compiled kernels are on (built if needed, whatever KVKERNELS_NATIVE says; raises
-    if they cannot be built) or off (the eager path); with ``checks=False`` the C++ argument checks are off
+    if they cannot be built) or off (the eager path); with ``checks=False`` the C++ bindings are off
     (the Python checks and ctypes calls run). For tests and comparisons."""
     with _lock:
         saved = dict(_state)
