@@ -228,7 +228,7 @@ def _attention_ok(q, k_pool, v_pool, seg_start, seg_len) -> bool:
 # The ops' fast paths (kvkernels.ops.KernelOp): True means the dispatcher would only run the op's function and
 # every check would pass: the predicates above, the schema types of the arguments they leave out, and no meta
 # tensor or tensor that requires grad. Each has a C++ twin (kvkernels/cpu/csrc/bindings.cpp, same results,
-# ~0.3 us instead of 5-15 us) that runs whenever the cpu backend's compiled kernels are available.
+# ~0.3 us instead of 5-15 us) that runs once the cpu backend has built its bindings.
 def _scale_arg_ok(sm_scale) -> bool:
     return sm_scale is None or type(sm_scale) is float
 
@@ -255,7 +255,9 @@ def meta_or_autograd(args) -> bool:
 
 
 def _cxx_checks():
-    return _native.bindings()  # built at the first call (with the compiled kernels); None without them
+    # Built by the cpu backend's first decode call; until then (and on CUDA-only use, or without a compiler)
+    # the Python checks run.
+    return _native.loaded_bindings()
 
 
 def ragged_append_accepts(*args) -> bool:

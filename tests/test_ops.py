@@ -439,6 +439,18 @@ def test_cxx_checks_equal_the_python_checks(case, monkeypatch):
     assert python.count(False) >= n, "too few invalid variants to test anything"
 
 
+def test_accept_checks_never_build_the_cpu_kernels(monkeypatch):
+    """An op's accept check uses the C++ bindings only once the cpu backend has built them: CUDA-only use (or a
+    check before any CPU call) never compiles anything; the Python checks answer meanwhile."""
+    from kvkernels import _validate as V
+    from kvkernels.cpu import native
+
+    monkeypatch.setattr(native, "_state", {})  # nothing built or loaded in this process, as on a fresh machine
+    _, _, args = list(_fast_check_cases())[1]
+    assert V.ragged_attention_accepts(*args)
+    assert native._state == {}
+
+
 def test_cpu_compiled_kernels_fall_back_with_a_warning(monkeypatch, tmp_path):
     """No usable compiler: one RuntimeWarning that says why, then the PyTorch path (same results);
     KVKERNELS_NATIVE=0: the PyTorch path, silently."""

@@ -198,6 +198,12 @@ def bindings():
         return module
 
 
+def loaded_bindings():
+    """The C++ bindings if a call on CPU tensors has built them already, else None; never builds (the ops' accept
+    checks ask this, so that CUDA-only use never compiles the CPU kernels)."""
+    return _state.get("bindings")
+
+
 def status() -> str:
     """One line: whether the compiled kernels and their C++ bindings run, and why (builds them if not built
     yet)."""
