@@ -339,9 +339,16 @@ def _quantized_rows(k_codes, k_scale, v_codes, bits: int, group_size: int) -> Op
 
 def ragged_append(lib, k_pool: torch.Tensor, v_pool: torch.Tensor, seg_start: torch.Tensor, seg_len: torch.Tensor,
                   seg_cap: torch.Tensor, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> int:
-    """Append k_new/v_new [B, H, t, D] after each segment's live rows of layer ``layer`` (tables [L, B, H],
-    contiguous; seg_len written in place), as bytes; 0, or 1 + s for the first segment s without room or
-    outside the pool (then nothing was written). Pools need channel stride 1."""
+    """Append k_new/v_new [B, H, t, D] after each segment's live rows of layer ``layer`` (tables [L, B, H];
+    seg_len written in place), as bytes: 0; 1 + s for the first segment s without room or outside the pool
+    (then nothing was written); -1 when the kernel does not take the layout (a pool's channel stride is not 1,
+    a table is not contiguous: nothing written, the caller runs its general path)."""
+    cxx = bindings()
+    if cxx is not None:
+        return cxx.ragged_append(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new)
+    if not (k_pool.stride(1) == 1 and v_pool.stride(1) == 1 and seg_start.is_contiguous() and seg_len.is_contiguous()
+            and seg_cap.is_contiguous()):
+        return -1
     B, H, t, D = k_new.shape
     k_new = k_new if k_new.is_contiguous() else k_new.contiguous()
     v_new = v_new if v_new.is_contiguous() else v_new.contiguous()

@@ -55,20 +55,6 @@ def _write(pool: torch.Tensor, new: torch.Tensor, starts, lens, step, rows) -> N
         pool.index_copy_(0, rows, src.reshape(S * t, D))
 
 
-def _compiled_append(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new) -> int:
-    """The compiled kernel's append: 0 done, 1 + s for segment s without room or outside the pool (nothing
-    written), -1 when it does not run (kernels off, or a layout it does not take). Called through the C++
-    bindings when they are built (a few hundred ns per call), else through ctypes (~8 us)."""
-    cxx = native.bindings()
-    if cxx is not None:
-        return cxx.ragged_append(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new)
-    lib = native.library()
-    if (lib is not None and k_pool.stride(1) == 1 and v_pool.stride(1) == 1 and seg_start.is_contiguous()
-            and seg_len.is_contiguous() and seg_cap.is_contiguous()):
-        return native.ragged_append(lib, k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new)
-    return -1
-
-
 def ragged_append(
     k_pool: torch.Tensor,
     v_pool: torch.Tensor,
@@ -80,7 +66,9 @@ def ragged_append(
     v_new: torch.Tensor,
 ) -> None:
     """Write k_new/v_new [B, Hkv, t, D] after the live rows of each segment of ``layer``; grow seg_len."""
-    code = _compiled_append(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new)
+    lib = native.library()
+    code = -1 if lib is None else native.ragged_append(lib, k_pool, v_pool, seg_start, seg_len, seg_cap, layer,
+                                                       k_new, v_new)
     if code == 0:
         return
     if code > 0:
