@@ -147,14 +147,7 @@ void attend_rows(const Problem& p, int64_t s, int64_t r0) {
 using RowsFn = void (*)(const Problem&, int64_t, int64_t);
 
 RowsFn rows_kernel(int64_t D) {
-  switch (D) {
-    case 64: return attend_rows<64>;
-    case 80: return attend_rows<80>;
-    case 96: return attend_rows<96>;
-    case 128: return attend_rows<128>;
-    case 256: return attend_rows<256>;
-    default: return nullptr;
-  }
+  return kvk::for_head_dim(D, [](auto d) -> RowsFn { return attend_rows<decltype(d)::value>; });
 }
 
 }  // namespace

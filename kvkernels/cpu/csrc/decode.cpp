@@ -188,14 +188,7 @@ using ItemFn = void (*)(const RowSource&, const Item&, const float*, int64_t, fl
 
 // The item kernel for head dim D (kvkernels' head dims: 64, 80, 96, 128, 256), or null.
 ItemFn item_kernel(int64_t D) {
-  switch (D) {
-    case 64: return attend_item<8>;
-    case 80: return attend_item<10>;
-    case 96: return attend_item<12>;
-    case 128: return attend_item<16>;
-    case 256: return attend_item<32>;
-    default: return nullptr;
-  }
+  return kvk::for_head_dim(D, [](auto d) -> ItemFn { return attend_item<decltype(d)::value / 8>; });
 }
 
 // Attend every segment: q [S, G, D], seg_rows[s] rows each; out [S, G, D], lse [S, G] (nullable).

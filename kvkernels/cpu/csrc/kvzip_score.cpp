@@ -45,14 +45,7 @@ void score_keys(const float* q, const float* lse, int64_t R, const float* kt, in
 using KeysFn = void (*)(const float*, const float*, int64_t, const float*, int64_t, int64_t, float, float*);
 
 KeysFn keys_kernel(int64_t D) {
-  switch (D) {
-    case 64: return score_keys<64>;
-    case 80: return score_keys<80>;
-    case 96: return score_keys<96>;
-    case 128: return score_keys<128>;
-    case 256: return score_keys<256>;
-    default: return nullptr;
-  }
+  return kvk::for_head_dim(D, [](auto d) -> KeysFn { return score_keys<decltype(d)::value>; });
 }
 
 }  // namespace

@@ -1,6 +1,6 @@
 // Vectors of floats for the kernels that tile their products in registers (kvzip_score.cpp, attention.cpp),
-// their shared logit tile, and the exp of the softmax weights (decode.cpp too): GCC/Clang vector
-// extensions, so the code has no intrinsics and builds for any target.
+// their shared logit tile, and the exp of the softmax weights and the head-dim dispatch (decode.cpp too):
+// GCC/Clang vector extensions, so the code has no intrinsics and builds for any target.
 #pragma once
 
 #include <algorithm>
@@ -105,6 +105,20 @@ inline void logit_tile(const float* q, const int64_t* row, const float* kt, int6
       const float qs = q[row[i] * D + d];
       for (int u = 0; u < KEY_VECS; ++u) acc[i][u] += k[u] * qs;
     }
+  }
+}
+
+// The kernel instance for head dim D (kvkernels' head dims: 64, 80, 96, 128, 256), or null: pick(d) returns the
+// instance for the compile-time head dim decltype(d)::value.
+template <typename Pick>
+auto for_head_dim(int64_t D, Pick pick) -> decltype(pick(std::integral_constant<int, 64>{})) {
+  switch (D) {
+    case 64: return pick(std::integral_constant<int, 64>{});
+    case 80: return pick(std::integral_constant<int, 80>{});
+    case 96: return pick(std::integral_constant<int, 96>{});
+    case 128: return pick(std::integral_constant<int, 128>{});
+    case 256: return pick(std::integral_constant<int, 256>{});
+    default: return nullptr;
   }
 }
 
