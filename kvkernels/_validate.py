@@ -224,7 +224,6 @@ def _attention_ok(q, k_pool, v_pool, seg_start, seg_len) -> bool:
             and k_pool.device == dev and v_pool.device == dev and seg_start.device == dev and seg_len.device == dev)
 
 
-
 # The ops' fast paths (kvkernels.ops.KernelOp): True means the dispatcher would only run the op's function and
 # every check would pass: the predicates above, the schema types of the arguments they leave out, and no meta
 # tensor or tensor that requires grad. Each has a C++ twin (kvkernels/cpu/csrc/bindings.cpp, same results,
@@ -294,6 +293,7 @@ def quant_pool_attention_accepts(*args) -> bool:
     if cxx is not None:
         return cxx.quant_pool_attention_accepts(*args)
     return _scale_and_lse_ok(args, 15) and _quant_attention_ok(*args[:15]) and not meta_or_autograd(args)
+
 
 def check_ragged_append(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new):
     if _append_ok(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new):

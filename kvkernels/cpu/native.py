@@ -297,14 +297,11 @@ def quant_decode(lib, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_t
     of the quantized pool (buffers in the layouts of ``kvkernels.reference.quant_pool``; the layer's rings
     k_tail/v_tail [B, H, TC, D] and tables [B, H]); tensors that are not contiguous are copied first."""
     args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_tail, v_tail, q_start, q_len, t_head, seg_len)
-    Q = _quantized_rows(k_codes, k_scale, v_codes, bits, group_size)
-    if Q is None:
-        raise ValueError("kvkernels.quant_pool_attention: the quantized buffers disagree on the row count")
     cxx = bindings()
-    if cxx is not None:
+    if cxx is not None:  # its checks (quant_attention_ok) hold the buffers to one row count Q
         code, o, lse = cxx.quant_decode(*args, bits, group_size, sm_scale, return_lse)
     else:
-        code, o, lse = _quant_decode_ctypes(lib, args, Q, bits, group_size, sm_scale, return_lse)
+        code, o, lse = _quant_decode_ctypes(lib, args, bits, group_size, sm_scale, return_lse)
     if code < 0:
         raise ValueError(f"kvkernels.quant_pool_attention: no compiled decode kernel for head dim {q.shape[3]}")
     if code:
@@ -312,12 +309,16 @@ def quant_decode(lib, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_t
         start, nq, head, n = (int(t.reshape(-1)[s]) for t in (q_start, q_len, t_head, seg_len))
         raise SegmentTableError(
             f"kvkernels.quant_pool_attention: segment {s}'s tables (q_start {start}, q_len {nq}, t_head {head}, "
-            f"seg_len {n}) point outside the pool's buffers ({Q} quantized rows, {k_tail.shape[2]} ring slots)")
+            f"seg_len {n}) point outside the pool's buffers ({v_codes.shape[0]} quantized rows, {k_tail.shape[2]} "
+            f"ring slots)")
     return o, lse
 
 
-def _quant_decode_ctypes(lib, args, Q: int, bits: int, group_size: int, sm_scale: float, return_lse: bool):
-    q, k_tail = args[0], args[7]
+def _quant_decode_ctypes(lib, args, bits: int, group_size: int, sm_scale: float, return_lse: bool):
+    q, k_codes, k_scale, v_codes, k_tail = args[0], args[1], args[2], args[4], args[7]
+    Q = _quantized_rows(k_codes, k_scale, v_codes, bits, group_size)
+    if Q is None:  # the kernel bounds every access by Q: the buffers must agree on it
+        raise ValueError("kvkernels.quant_pool_attention: the quantized buffers disagree on the row count")
     B, Hq, _, D = q.shape
     _, H, TC, _ = k_tail.shape
     tensors = [t if t.is_contiguous() else t.contiguous() for t in args]

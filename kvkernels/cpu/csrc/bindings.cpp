@@ -48,30 +48,29 @@ bool kernels_set(const char* name) {
   return false;
 }
 
-
 // type(obj) is torch.Tensor (a subclass, a Parameter included, is not: it may need the dispatcher).
 bool plain_tensor(PyObject* obj) { return Py_TYPE(obj) == reinterpret_cast<PyTypeObject*>(THPVariableClass); }
 
 const at::Tensor& unpack(PyObject* obj) { return THPVariable_Unpack(obj); }
 
-// type(obj) is int (not a bool), stored in *value; false for ints outside int64 (Python's check accepts them
-// only to reject them by range later, as here).
-bool exact_int(PyObject* obj, int64_t* value) {
+// type(obj) is int (not a bool): its value in *value and *overflow -1 / +1 when it lies below / above int64.
+bool exact_int_value(PyObject* obj, int64_t* value, int* overflow) {
   if (!PyLong_CheckExact(obj)) return false;
-  int overflow = 0;
-  *value = PyLong_AsLongLongAndOverflow(obj, &overflow);
-  if (overflow != 0 || (*value == -1 && PyErr_Occurred())) {
-    PyErr_Clear();
-    return false;
-  }
+  *value = PyLong_AsLongLongAndOverflow(obj, overflow);  // cannot fail on an exact int
   return true;
+}
+
+// type(obj) is int, stored in *value; false for ints outside int64 (Python's check accepts them only to
+// reject them by range later, as here).
+bool exact_int(PyObject* obj, int64_t* value) {
+  int overflow = 0;
+  return exact_int_value(obj, value, &overflow) && overflow == 0;
 }
 
 // type(obj) is int and obj >= 0 (any size: a value past int64 is stored as INT64_MAX).
 bool exact_nonnegative_int(PyObject* obj, int64_t* value) {
-  if (!PyLong_CheckExact(obj)) return false;
   int overflow = 0;
-  *value = PyLong_AsLongLongAndOverflow(obj, &overflow);
+  if (!exact_int_value(obj, value, &overflow)) return false;
   if (overflow > 0) *value = INT64_MAX;
   return overflow >= 0 && *value >= 0;
 }
@@ -231,7 +230,7 @@ bool arg_count(const char* name, Py_ssize_t n, Py_ssize_t lo, Py_ssize_t hi) {
 
 // ragged_append_accepts(k_pool, v_pool, seg_start, seg_len, seg_cap, layer, k_new, v_new) -> bool
 PyObject* ragged_append_accepts(PyObject*, PyObject* const* args, Py_ssize_t n) {
-  if (n < 8 || n > 8) Py_RETURN_FALSE;  // the dispatcher raises its schema error
+  if (n != 8) Py_RETURN_FALSE;  // the dispatcher raises its schema error
   return as_bool(append_ok(args) && !meta_or_autograd(args, n));
 }
 
